@@ -1,0 +1,286 @@
+"""Search spaces: what a supernet can become.
+
+A space is plain data (``conf/space/<name>.yaml``): a stem, one fixed first block, stages of
+searchable layers, and a head. Each searchable layer is one *decision* whose choices are MBConv
+candidates (``k{kernel}_e{expand}``) plus ``zero`` (skip the layer) where the layer keeps its shape.
+
+The space knows the shape of every layer, so it can describe each candidate as a timm block string
+(``ir_r1_k5_s2_e6_c24``), enumerate decisions, sample architectures and fingerprint itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from .arch import Arch, ArchError
+
+ZERO = "zero"
+_OP_RE = re.compile(r"^k(\d+)_e(\d+)$")
+
+
+class SpaceError(ValueError):
+    """The space description itself is malformed."""
+
+
+def parse_op(op: str) -> tuple[int, int]:
+    """``"k5_e6"`` -> ``(5, 6)``."""
+    m = _OP_RE.match(op)
+    if not m:
+        raise SpaceError(f"op {op!r} is not of the form k<kernel>_e<expand> (e.g. k3_e6) or 'zero'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def conv_out(size: int, stride: int) -> int:
+    """Spatial size after a 'same'-padded conv with this stride (timm's symmetric padding)."""
+    return (size + stride - 1) // stride
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One concrete block at its place in the network: everything that changes its cost."""
+
+    type: str  # "ir" (MBConv) or "ds" (depthwise separable, the fixed first block)
+    in_chs: int
+    out_chs: int
+    kernel: int
+    expand: int
+    stride: int
+    in_size: int  # input height == width
+
+    @property
+    def skip(self) -> bool:
+        return self.stride == 1 and self.in_chs == self.out_chs
+
+    @property
+    def out_size(self) -> int:
+        return conv_out(self.in_size, self.stride)
+
+    def timm_str(self) -> str:
+        """The block as a timm arch-def string (decoded by ``decode_arch_def``)."""
+        if self.type == "ds":
+            return f"ds_r1_k{self.kernel}_s{self.stride}_c{self.out_chs}"
+        return f"ir_r1_k{self.kernel}_s{self.stride}_e{self.expand}_c{self.out_chs}"
+
+    def key(self) -> str:
+        """A key naming every field that changes the block's cost (used by latency tables)."""
+        return (
+            f"{self.type}:in{self.in_size}x{self.in_size}x{self.in_chs}:out{self.out_chs}"
+            f":k{self.kernel}:e{self.expand}:s{self.stride}:skip{int(self.skip)}"
+        )
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A searchable layer: its position, shape and candidate ops."""
+
+    name: str  # decision name, e.g. "s2.l1"
+    stage: int  # index in the supernet's ``blocks`` (0 is the fixed first block)
+    index: int  # layer index inside the stage
+    in_chs: int
+    out_chs: int
+    stride: int
+    in_size: int
+    choices: tuple[str, ...]
+
+    def spec(self, op: str) -> BlockSpec | None:
+        """The block for candidate ``op`` (``None`` for ``zero``)."""
+        if op == ZERO:
+            return None
+        k, e = parse_op(op)
+        return BlockSpec("ir", self.in_chs, self.out_chs, k, e, self.stride, self.in_size)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    resolution: int
+    stem_chs: int
+    first: BlockSpec
+    layers: tuple[Layer, ...]
+    stage_layers: tuple[int, ...]  # number of searchable layers per stage (stages 1..N)
+    head_chs: int
+    act: str = "relu6"
+    in_chans: int = 3
+    ops: tuple[str, ...] = ()
+    spec_dict: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SearchSpace":
+        """Build from the YAML structure of ``conf/space/*.yaml`` (see ``mbv2_tiny.yaml``)."""
+        d = dict(d)
+        try:
+            name = str(d["name"])
+            res = int(d["resolution"])
+            stem = dict(d["stem"])
+            first = dict(d.get("first", {"channels": stem["channels"], "kernel": 3}))
+            stages = [dict(s) for s in d["stages"]]
+            ops = tuple(str(o) for o in d["ops"])
+            head_chs = int(d["head"]["channels"])
+        except KeyError as e:
+            raise SpaceError(f"space description lacks the key {e}; see conf/space/mbv2_tiny.yaml") from None
+        allow_zero = bool(d.get("zero", True))
+        for op in ops:
+            parse_op(op)
+        if len(set(ops)) != len(ops) or not ops:
+            raise SpaceError(f"space {name!r}: ops must be a non-empty list without repeats, got {list(ops)}")
+        chans = [int(stem["channels"]), int(first["channels"]), head_chs] + [int(s["channels"]) for s in stages]
+        if any(c % 8 for c in chans):
+            raise SpaceError(f"space {name!r}: channel counts must be multiples of 8, got {chans}")
+        if int(stem.get("stride", 2)) != 2:
+            raise SpaceError(f"space {name!r}: the stem stride is 2 (as in timm's EfficientNet)")
+
+        size = conv_out(res, 2)
+        stem_chs = int(stem["channels"])
+        first_spec = BlockSpec("ds", stem_chs, int(first["channels"]), int(first.get("kernel", 3)), 1, 1, size)
+        in_chs = first_spec.out_chs
+        layers: list[Layer] = []
+        counts: list[int] = []
+        total_stride = 2
+        for si, st in enumerate(stages, start=1):
+            n, out, stride = int(st["layers"]), int(st["channels"]), int(st["stride"])
+            if n < 1 or stride not in (1, 2):
+                raise SpaceError(f"space {name!r} stage {si}: layers must be >= 1 and stride 1 or 2")
+            total_stride *= stride
+            counts.append(n)
+            for li in range(n):
+                s = stride if li == 0 else 1
+                # zero (skip) only where the shape is kept, and never for a stage's first layer, so
+                # every stage keeps at least one block (as in ProxylessNAS)
+                zero_ok = allow_zero and li > 0 and s == 1 and in_chs == out
+                choices = ops + ((ZERO,) if zero_ok else ())
+                layers.append(Layer(f"s{si}.l{li}", si, li, in_chs, out, s, size, choices))
+                size = conv_out(size, s)
+                in_chs = out
+        if total_stride > 32:
+            raise SpaceError(f"space {name!r}: total stride {total_stride} exceeds 32")
+        return cls(
+            name=name,
+            resolution=res,
+            stem_chs=stem_chs,
+            first=first_spec,
+            layers=tuple(layers),
+            stage_layers=tuple(counts),
+            head_chs=head_chs,
+            act=str(d.get("act", "relu6")),
+            in_chans=int(d.get("in_chans", 3)),
+            ops=ops,
+            spec_dict=_canonical(d),
+        )
+
+    @classmethod
+    def from_yaml(cls, path) -> "SearchSpace":
+        import yaml
+
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.spec_dict, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    @property
+    def last_chs(self) -> int:
+        return self.layers[-1].out_chs if self.layers else self.first.out_chs
+
+    @property
+    def final_size(self) -> int:
+        last = self.layers[-1] if self.layers else None
+        return conv_out(last.in_size, last.stride) if last else self.first.out_size
+
+    def decisions(self) -> dict[str, tuple[str, ...]]:
+        return {layer.name: layer.choices for layer in self.layers}
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    def size(self) -> int:
+        """Number of distinct architectures."""
+        n = 1
+        for layer in self.layers:
+            n *= len(layer.choices)
+        return n
+
+    def make_arch(self, choices: Mapping[str, str], num_classes: int) -> Arch:
+        arch = Arch(
+            space=self.name,
+            fingerprint=self.fingerprint,
+            resolution=self.resolution,
+            num_classes=int(num_classes),
+            choices=dict(choices),
+        )
+        self.validate(arch)
+        return arch
+
+    def validate(self, arch: Arch) -> None:
+        """Raise :class:`ArchError` naming the decision and the allowed choices."""
+        if arch.space != self.name:
+            raise ArchError(f"architecture is for space {arch.space!r}, not {self.name!r}")
+        if arch.fingerprint and arch.fingerprint != self.fingerprint:
+            raise ArchError(
+                f"architecture was made for another version of space {self.name!r} "
+                f"(fingerprint {arch.fingerprint}, this space is {self.fingerprint}); "
+                f"re-export it from a search on this space"
+            )
+        dec = self.decisions()
+        missing = [k for k in dec if k not in arch.choices]
+        extra = [k for k in arch.choices if k not in dec]
+        if missing or extra:
+            raise ArchError(
+                f"architecture has {len(arch.choices)} decisions, space {self.name!r} has {len(dec)}"
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+                + (f"; unknown: {', '.join(extra)}" if extra else "")
+                + f"; decisions are: {', '.join(dec)}"
+            )
+        for k, allowed in dec.items():
+            if arch.choices[k] not in allowed:
+                raise ArchError(
+                    f"decision {k!r} has choice {arch.choices[k]!r}; allowed: {', '.join(allowed)}"
+                )
+
+    def sample(self, num_classes: int, rng: random.Random | None = None) -> Arch:
+        rng = rng or random.Random()
+        return self.make_arch({k: rng.choice(v) for k, v in self.decisions().items()}, num_classes)
+
+    def largest(self, num_classes: int) -> Arch:
+        """Every layer at its biggest op (largest kernel x expand, never zero)."""
+        key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731  expand x kernel area
+        return self.make_arch({k: max((c for c in v if c != ZERO), key=key) for k, v in self.decisions().items()},
+                              num_classes)
+
+    def smallest(self, num_classes: int) -> Arch:
+        """Every layer at zero where allowed, else its smallest op."""
+        key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731
+        return self.make_arch(
+            {k: ZERO if ZERO in v else min(v, key=key) for k, v in self.decisions().items()}, num_classes
+        )
+
+    def block_specs(self, arch: Arch) -> list[list[BlockSpec]]:
+        """Blocks per stage (stage 0 = the fixed first block), zero layers left out."""
+        stages: list[list[BlockSpec]] = [[self.first]] + [[] for _ in self.stage_layers]
+        for layer in self.layers:
+            spec = layer.spec(arch.choices[layer.name])
+            if spec is not None:
+                stages[layer.stage].append(spec)
+        return stages
+
+    def arch_def(self, arch: Arch) -> list[list[str]]:
+        """timm arch_def (list of stages of block strings) of the static net for ``arch``."""
+        return [[b.timm_str() for b in stage] for stage in self.block_specs(arch)]
+
+
+def _canonical(d: Mapping[str, Any]) -> dict:
+    """JSON-able plain copy of a (possibly OmegaConf) mapping, for fingerprinting."""
+    return json.loads(json.dumps(d, default=lambda o: list(o) if not isinstance(o, dict) else dict(o)))
