@@ -1,0 +1,577 @@
+"""Timing torch modules on a target device, robustly on a noisy shared machine.
+
+Why not just take the median wall time?
+    On a shared machine the processor switches between a fast and a slow state (about 1.4x apart)
+    for seconds at a time, so the absolute median of the same network moves 8-20 % between passes.
+    What is stable is the *ratio* of an item's time to the time of a fixed reference module measured
+    right next to it: both calls see the same machine state.
+
+How :meth:`Device.measure` works
+    1. Every module is compiled once into a zero-argument callable for the device
+       (:meth:`Device.runner`): torch eager on ``cpu``, an ONNX Runtime session on ``onnxruntime``,
+       torch on the GPU on ``cuda``.
+    2. The reference and every item are warmed up (``warmup`` calls each).
+    3. ``repeats`` rounds follow. Each round visits the items in a freshly shuffled (seeded) order
+       and the calls alternate with the reference::
+
+           ref, item_a, ref, item_c, ref, item_b, ref, ...
+
+       Every item call gets ``ratio = t_item / mean(t_ref_before, t_ref_after)``.
+    4. An item's latency is its median ratio (in "reference units") times the reference's own
+       median time in the same session. The spread is the interquartile range over the median of
+       the per-call estimates ``ratio_i * reference_ms``.
+
+The fixed per-call overhead of a runtime (e.g. one ``InferenceSession.run``) is measured as part of
+what the runner does and is *not* corrected here; the latency table calibrates an overhead term.
+
+Hardware is chosen with :func:`build_device` from a plain config (``conf/hardware/*.yaml``)::
+
+    device = build_device(**{"name": "cpu", "threads": 2, "batch_size": 1})
+    result = device.measure({"block": (block, (16, 56, 56))})
+    result["block"]["median_ms"], result["__reference__"]["median_ms"]
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import gc
+import hashlib
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas.errors import UserError
+
+__all__ = [
+    "DEVICE_NAMES",
+    "REFERENCE_KEY",
+    "Device",
+    "CpuDevice",
+    "OnnxRuntimeDevice",
+    "CudaDevice",
+    "reference_module",
+    "build_device",
+]
+
+#: Names accepted by :func:`build_device`, one per file in ``conf/hardware/``.
+DEVICE_NAMES: tuple[str, ...] = ("cpu", "onnxruntime", "cuda")
+
+#: Key of the reference's own statistics in the dict returned by :meth:`Device.measure`.
+REFERENCE_KEY = "__reference__"
+
+#: Input shape (without the batch dimension) of :func:`reference_module`.
+REFERENCE_INPUT_SHAPE: tuple[int, ...] = (16, 16, 16)
+
+_REFERENCE_SEED = 0
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def reference_module() -> tuple[nn.Module, tuple[int, ...]]:
+    """Return THE reference module all latencies are expressed against, and its input shape.
+
+    It is a small, deterministic (seeded) block: ``conv3x3(16->32) - BN - ReLU6 - conv3x3(32->16) -
+    BN - ReLU6`` in eval mode, run on inputs of shape ``(batch, 16, 16, 16)``. Every call builds an
+    identical fresh copy, and the global torch random state is left untouched. Changing this block
+    changes the meaning of every stored ratio, so do not.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_REFERENCE_SEED)
+        module = nn.Sequential(
+            nn.Conv2d(16, 32, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(32, 16, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU6(inplace=True),
+        )
+        # Non-trivial but fixed normalisation statistics, so the block is not an identity-like no-op.
+        for bn in (module[1], module[4]):
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.1, 0.1)
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    module.eval()
+    return module, REFERENCE_INPUT_SHAPE
+
+
+def _processor_name() -> str:
+    """A human-readable processor model: /proc/cpuinfo's model name, else ``platform.processor()``.
+
+    On Linux ``platform.processor()`` usually only says ``x86_64``, which does not tell two machines
+    apart, so the cpuinfo model name is preferred when it exists.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _to_numpy_list(output: Any) -> list[np.ndarray]:
+    """Flatten a module's output (tensor, array, or nested tuple/list/dict of them) to numpy arrays."""
+    if isinstance(output, torch.Tensor):
+        return [output.detach().float().cpu().numpy()]
+    if isinstance(output, np.ndarray):
+        return [output]
+    if isinstance(output, Mapping):
+        return [a for value in output.values() for a in _to_numpy_list(value)]
+    if isinstance(output, (tuple, list)):
+        return [a for value in output for a in _to_numpy_list(value)]
+    raise TypeError(f"cannot convert module output of type {type(output).__name__} to numpy")
+
+
+def _robust_stats(values: list[float]) -> tuple[float, float]:
+    """Median and relative spread (interquartile range / median) of ``values``."""
+    array = np.asarray(values, dtype=np.float64)
+    q25, median, q75 = np.percentile(array, [25.0, 50.0, 75.0])
+    spread = float((q75 - q25) / median) if median > 0 else float("inf")
+    return float(median), spread
+
+
+class Device(abc.ABC):
+    """A target to time modules on. Subclasses compile a module into a zero-argument callable.
+
+    Args:
+        name: ``"cpu"``, ``"onnxruntime"`` or ``"cuda"``.
+        threads: intra-op threads (torch threads on cpu, ``intra_op_num_threads`` on onnxruntime).
+        batch_size: leading dimension of the random input.
+        warmup: untimed calls of each module before timing.
+        repeats: timed calls of each item (rounds of the alternation).
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (onnxruntime: float32 only).
+        seed: seeds the fixed random inputs and the per-round shuffling of the item order.
+        **kw: device-specific options (see the subclass); keys starting with ``_`` (config
+            metadata) are ignored, any other unknown key is a :class:`UserError`.
+    """
+
+    #: Device-specific keyword options a subclass accepts, with their defaults.
+    extra_options: dict[str, Any] = {}
+
+    def __init__(
+        self,
+        name: str,
+        threads: int = 2,
+        batch_size: int = 1,
+        warmup: int = 10,
+        repeats: int = 50,
+        dtype: str = "float32",
+        seed: int = 0,
+        **kw: Any,
+    ) -> None:
+        self.name = str(name)
+        self.threads = self._check_int("threads", threads, minimum=1)
+        self.batch_size = self._check_int("batch_size", batch_size, minimum=1)
+        self.warmup = self._check_int("warmup", warmup, minimum=0)
+        self.repeats = self._check_int("repeats", repeats, minimum=1)
+        self.seed = int(seed)
+        if dtype not in _DTYPES:
+            raise UserError(
+                f"unknown dtype {dtype!r} for hardware '{self.name}'; choose one of: {', '.join(_DTYPES)}"
+            )
+        self.dtype = str(dtype)
+        unknown = sorted(k for k in kw if not k.startswith("_") and k not in self.extra_options)
+        if unknown:
+            allowed = ["threads", "batch_size", "warmup", "repeats", "dtype", "seed", *self.extra_options]
+            raise UserError(
+                f"unknown option(s) {', '.join(unknown)} for hardware '{self.name}'; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        self.options: dict[str, Any] = {
+            k: kw.get(k, default) for k, default in self.extra_options.items()
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, threads={self.threads}, "
+            f"batch_size={self.batch_size}, warmup={self.warmup}, repeats={self.repeats}, "
+            f"dtype={self.dtype!r})"
+        )
+
+    def _check_int(self, key: str, value: Any, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise UserError(
+                f"hardware '{self.name}': {key} must be an integer >= {minimum}, got {value!r}"
+            )
+        return int(value)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype the modules and inputs are run in."""
+        return _DTYPES[self.dtype]
+
+    # ------------------------------------------------------------------ identity
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What determines the measured latencies: device kind, processor, settings, library versions.
+
+        JSON-serialisable and stable for a given machine and config; subclasses add their runtime
+        (onnxruntime version, CUDA device name). Timing options (warmup, repeats, seed) are not part
+        of it, because they do not change what is being measured.
+        """
+        return {
+            "name": self.name,
+            "processor": _processor_name(),
+            "machine": platform.machine(),
+            "threads": self.threads,
+            "batch_size": self.batch_size,
+            "dtype": self.dtype,
+            "torch": torch.__version__,
+        }
+
+    def fingerprint_id(self) -> str:
+        """A short (12 hex digits) sha1 of the sorted-key JSON of :meth:`fingerprint`."""
+        blob = json.dumps(self.fingerprint(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
+
+    # ------------------------------------------------------------------ running
+
+    def example_input(self, input_shape: tuple[int, ...]) -> torch.Tensor:
+        """The fixed random float32 CPU input of shape ``(batch_size, *input_shape)`` runners use."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randn((self.batch_size, *tuple(input_shape)), generator=generator)
+
+    def _prepare_module(self, module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+        """An eval-mode copy of ``module`` in the device dtype; the caller's module is not touched."""
+        prepared = copy.deepcopy(module).eval()
+        return prepared.to(device=device, dtype=self.torch_dtype)
+
+    @abc.abstractmethod
+    def _compile(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], Any]:
+        """Return a zero-argument callable that runs one inference and returns its raw output.
+
+        On asynchronous devices the callable does not wait for completion; :meth:`runner` and
+        :meth:`_time_ns` take care of that.
+        """
+
+    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], None]:
+        """A zero-argument callable running ONE inference of ``module`` on a fixed random input.
+
+        The input has shape ``(batch_size, *input_shape)``; the module runs in eval mode without
+        autograd. The module passed in is copied, never modified. When the callable returns, the
+        inference has completed (so wall-clock timing of the call is meaningful).
+        """
+        call = self._compile(module, tuple(input_shape))
+
+        def run() -> None:
+            call()
+
+        return run
+
+    def predict(self, module: nn.Module, input_shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Run ``module`` once the way the runner does and return its outputs as float32 numpy arrays.
+
+        For checking a runtime against torch: the input is :meth:`example_input` ``(input_shape)``.
+        """
+        outputs = _to_numpy_list(self._compile(module, tuple(input_shape))())
+        return [np.asarray(o, dtype=np.float32) for o in outputs]
+
+    def _time_ns(self, call: Callable[[], Any]) -> float:
+        """Duration of one call of a compiled callable, in nanoseconds (wall clock)."""
+        start = time.perf_counter_ns()
+        call()
+        return float(time.perf_counter_ns() - start)
+
+    # ------------------------------------------------------------------ measuring
+
+    def measure(
+        self,
+        items: Mapping[str, tuple[nn.Module, tuple[int, ...]]],
+        reference: tuple[nn.Module, tuple[int, ...]] | None = None,
+        progress: bool = False,
+        desc: str = "measuring",
+    ) -> dict[str, dict[str, float | int]]:
+        """Time every item in alternation with a reference module (see the module docstring).
+
+        Args:
+            items: ``{name: (module, input_shape)}``; ``input_shape`` excludes the batch dimension.
+            reference: ``(module, input_shape)``; default :func:`reference_module`.
+            progress: show a transient rich progress bar over items x rounds.
+            desc: label of the progress bar.
+
+        Returns:
+            ``{name: {"median_ms", "ratio", "spread", "count"}}`` for every item, where ``ratio``
+            is the median of ``t_item / mean(t_ref_before, t_ref_after)``, ``median_ms`` is
+            ``ratio`` times the reference's median ms of this session, ``spread`` is IQR/median of
+            the per-call ms estimates and ``count`` is ``repeats``; plus
+            ``"__reference__": {"median_ms", "spread", "count"}`` for the reference's own calls.
+        """
+        if REFERENCE_KEY in items:
+            raise ValueError(f"item name {REFERENCE_KEY!r} is reserved for the reference")
+        ref_module, ref_shape = reference if reference is not None else reference_module()
+        names = list(items)
+        ref_call = self._compile(ref_module, tuple(ref_shape))
+        calls = {n: self._compile(items[n][0], tuple(items[n][1])) for n in names}
+
+        ref_ns: list[float] = []
+        ratios: dict[str, list[float]] = {n: [] for n in names}
+        order_rng = random.Random(self.seed)
+
+        progress_cm = contextlib.nullcontext() if not progress else self._progress_bar()
+        gc_was_enabled = gc.isenabled()
+        with progress_cm as bar:
+            task = bar.add_task(desc, total=self.repeats * len(names)) if bar is not None else None
+            try:
+                gc.collect()
+                gc.disable()  # a collection inside a timed call is noise, not latency
+                for _ in range(self.warmup):
+                    ref_call()
+                for n in names:
+                    for _ in range(self.warmup):
+                        calls[n]()
+                ref_before = self._time_ns(ref_call)
+                ref_ns.append(ref_before)
+                for _ in range(self.repeats):
+                    order = names.copy()
+                    order_rng.shuffle(order)
+                    for n in order:
+                        t_item = self._time_ns(calls[n])
+                        ref_after = self._time_ns(ref_call)
+                        ref_ns.append(ref_after)
+                        ratios[n].append(t_item / (0.5 * (ref_before + ref_after)))
+                        ref_before = ref_after
+                        if bar is not None:
+                            bar.advance(task)
+                    if not names:  # nothing to compare: still give the reference its repeats
+                        ref_ns.append(self._time_ns(ref_call))
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+
+        ref_median_ns, ref_spread = _robust_stats(ref_ns)
+        ref_ms = ref_median_ns / 1e6
+        result: dict[str, dict[str, float | int]] = {}
+        for n in names:
+            ratio, spread = _robust_stats(ratios[n])
+            result[n] = {
+                "median_ms": ratio * ref_ms,
+                "ratio": ratio,
+                "spread": spread,
+                "count": len(ratios[n]),
+            }
+        result[REFERENCE_KEY] = {"median_ms": ref_ms, "spread": ref_spread, "count": len(ref_ns)}
+        return result
+
+    @staticmethod
+    def _progress_bar():
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=True,
+        )
+
+
+class CpuDevice(Device):
+    """Torch eager on the CPU with ``torch.set_num_threads(threads)``.
+
+    The thread count is process-global in torch; the runner re-applies it before a call whenever
+    something else changed it.
+    """
+
+    def _compile(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], Any]:
+        threads = self.threads
+        torch.set_num_threads(threads)
+        model = self._prepare_module(module, "cpu")
+        x = self.example_input(input_shape).to(dtype=self.torch_dtype)
+
+        def call() -> Any:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            with torch.inference_mode():
+                return model(x)
+
+        return call
+
+
+class OnnxRuntimeDevice(Device):
+    """ONNX Runtime on the CPU (``CPUExecutionProvider``), float32.
+
+    Each module is exported to ONNX in a temporary directory and loaded into an
+    ``InferenceSession`` with ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``,
+    sequential execution and all graph optimisations.
+
+    Options:
+        opset: ONNX opset to export with (default: the exporter's default).
+    """
+
+    extra_options = {"opset": None}
+
+    def __init__(self, name: str = "onnxruntime", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        if self.dtype != "float32":
+            raise UserError(
+                f"hardware 'onnxruntime' runs float32 only, got dtype={self.dtype!r}; "
+                "use dtype=float32 or hardware=cpu"
+            )
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise UserError(
+                "hardware 'onnxruntime' needs the onnxruntime package, which is not installed; "
+                "run `pip install onnxruntime` or use hardware=cpu"
+            ) from exc
+
+    def fingerprint(self) -> dict[str, Any]:
+        import onnxruntime
+
+        return {**super().fingerprint(), "onnxruntime": onnxruntime.__version__}
+
+    def _export(self, model: nn.Module, x: torch.Tensor, path: str) -> None:
+        """Export with the fast TorchScript exporter (``dynamo=False``) if possible, else the default."""
+        kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": None}
+        if self.options["opset"] is not None:
+            kwargs["opset_version"] = int(self.options["opset"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(model, (x,), path, dynamo=False, **kwargs)
+                return
+            except Exception:  # noqa: BLE001 - no `dynamo` argument, legacy exporter gone or failed
+                pass
+            if os.path.exists(path):
+                os.remove(path)
+            torch.onnx.export(model, (x,), path, verbose=False, **kwargs)
+
+    def _compile(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], Any]:
+        import onnxruntime as ort
+
+        model = self._prepare_module(module, "cpu")
+        x = self.example_input(input_shape)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        with tempfile.TemporaryDirectory(prefix="hwnas_onnx_") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            with torch.inference_mode(False), torch.no_grad():
+                self._export(model, x, path)
+            # The session reads the model (and any external weight files) now; tmp can go after.
+            session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        output_names = [o.name for o in session.get_outputs()]
+
+        def call() -> Any:
+            return session.run(output_names, feed)
+
+        return call
+
+
+class CudaDevice(Device):
+    """Torch on a CUDA GPU. The runner synchronizes after each call; :meth:`measure` times calls
+    with CUDA events (``torch.cuda.Event(enable_timing=True)``) instead of the host clock.
+
+    Options:
+        device_index: which GPU to use (default 0).
+    """
+
+    extra_options = {"device_index": 0}
+
+    def __init__(self, name: str = "cuda", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        if not torch.cuda.is_available():
+            raise UserError(
+                "hardware 'cuda' was chosen but no CUDA device is available on this machine; "
+                "use hardware=cpu or hardware=onnxruntime"
+            )
+        index = int(self.options["device_index"])
+        if not 0 <= index < torch.cuda.device_count():
+            raise UserError(
+                f"hardware 'cuda': device_index={index} but only {torch.cuda.device_count()} "
+                "CUDA device(s) are visible"
+            )
+        self.device = torch.device("cuda", index)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            **super().fingerprint(),
+            "cuda_device": torch.cuda.get_device_name(self.device),
+            "cuda": torch.version.cuda,
+        }
+
+    def _compile(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], Any]:
+        model = self._prepare_module(module, self.device)
+        x = self.example_input(input_shape).to(device=self.device, dtype=self.torch_dtype)
+
+        def call() -> Any:
+            with torch.inference_mode():
+                return model(x)
+
+        return call
+
+    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], None]:
+        call = self._compile(module, tuple(input_shape))
+        device = self.device
+
+        def run() -> None:
+            call()
+            torch.cuda.synchronize(device)
+
+        return run
+
+    def predict(self, module: nn.Module, input_shape: tuple[int, ...]) -> list[np.ndarray]:
+        outputs = self._compile(module, tuple(input_shape))()
+        torch.cuda.synchronize(self.device)
+        return [np.asarray(o, dtype=np.float32) for o in _to_numpy_list(outputs)]
+
+    def _time_ns(self, call: Callable[[], Any]) -> float:
+        """GPU time of one call between two CUDA events on the current stream, in nanoseconds."""
+        with torch.cuda.device(self.device):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e6  # elapsed_time is in ms
+
+
+_DEVICE_CLASSES: dict[str, type[Device]] = {
+    "cpu": CpuDevice,
+    "onnxruntime": OnnxRuntimeDevice,
+    "cuda": CudaDevice,
+}
+
+
+def build_device(name: str, **kwargs: Any) -> Device:
+    """Build the device called ``name`` (one of :data:`DEVICE_NAMES`) with the given options.
+
+    ``build_device(**cfg)`` works for the configs in ``conf/hardware/``. Raises :class:`UserError`
+    for an unknown name, for ``cuda`` without a CUDA device, and for invalid options.
+    """
+    cls = _DEVICE_CLASSES.get(str(name))
+    if cls is None:
+        raise UserError(
+            f"unknown hardware '{name}'; choose one of: {', '.join(DEVICE_NAMES)} (conf/hardware/)"
+        )
+    return cls(str(name), **kwargs)
