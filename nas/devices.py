@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from nas.errors import UserError
+from nas.onnx_utils import export_onnx
 
 __all__ = [
     "DEVICE_NAMES",
@@ -446,20 +447,7 @@ class OnnxRuntimeDevice(Device):
         return {**super().fingerprint(), "onnxruntime": onnxruntime.__version__}
 
     def _export(self, model: nn.Module, x: torch.Tensor, path: str) -> None:
-        """Export with the fast TorchScript exporter (``dynamo=False``) if possible, else the default."""
-        kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": None}
-        if self.options["opset"] is not None:
-            kwargs["opset_version"] = int(self.options["opset"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(model, (x,), path, dynamo=False, **kwargs)
-                return
-            except Exception:  # noqa: BLE001 - no `dynamo` argument, legacy exporter gone or failed
-                pass
-            if os.path.exists(path):
-                os.remove(path)
-            torch.onnx.export(model, (x,), path, verbose=False, **kwargs)
+        export_onnx(model, x, path, opset=self.options["opset"])
 
     def _compile(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], Any]:
         import onnxruntime as ort
