@@ -254,7 +254,7 @@ def build_params_model(space: SearchSpace, num_classes: int) -> ParamsModel:
 
 
 # ---------------------------------------------------------------------- latency tables
-def build_latency_table(space: SearchSpace, device, num_classes: int, *, calib_nets: int = 6, seed: int = 0,
+def build_latency_table(space: SearchSpace, device, num_classes: int, *, calib_nets: int = 10, seed: int = 0,
                         progress: bool = True) -> LatencyTable:
     """Measure every candidate block at its shape, and the fixed parts, on ``device``.
 
@@ -292,12 +292,27 @@ def build_latency_table(space: SearchSpace, device, num_classes: int, *, calib_n
         archs += [space.sample(num_classes, rng) for _ in range(max(0, calib_nets - 2))]
         measured = measure_archs(space, archs, device, reference_ms=table.meta["reference_ms"],
                                  progress=progress, desc="calibrating overhead")
-        diffs = [m - table.predict(a) for a, m in zip(archs, measured)]
-        overhead = statistics.median(diffs)
-        table.fixed += overhead
-        table.meta["overhead_ms"] = overhead
+        scale, offset = fit_scale_offset([table.predict(a) for a in archs], measured)
+        table.layer_costs = {k: [c * scale for c in v] for k, v in table.layer_costs.items()}
+        table.fixed = table.fixed * scale + offset
+        table.meta.update(scale=scale, overhead_ms=offset, calibration_nets=len(archs))
     table.meta["build_seconds"] = round(time.perf_counter() - t0, 2)
     return table
+
+
+def fit_scale_offset(predicted: list[float], measured: list[float]) -> tuple[float, float]:
+    """Least-squares ``measured ~ scale * predicted + offset``: a whole net runs its blocks back to
+    back, so it costs a fraction of the blocks' standalone sum (shared per-call overhead, warm
+    caches) plus a per-network constant. Falls back to a pure offset when the fit is degenerate."""
+    n = len(predicted)
+    mp, mm = sum(predicted) / n, sum(measured) / n
+    var = sum((p - mp) ** 2 for p in predicted)
+    if n < 2 or var <= 1e-12:
+        return 1.0, statistics.median(m - p for p, m in zip(predicted, measured))
+    scale = sum((p - mp) * (m - mm) for p, m in zip(predicted, measured)) / var
+    if not 0.2 <= scale <= 5.0:  # implausible: keep the sum and fit the constant only
+        return 1.0, statistics.median(m - p for p, m in zip(predicted, measured))
+    return scale, mm - scale * mp
 
 
 def measure_archs(space: SearchSpace, archs: list[Arch], device, *, reference_ms: float | None = None,
@@ -332,5 +347,5 @@ def load_or_build_table(space: SearchSpace, device, num_classes: int, cache_dir:
     table = build_latency_table(space, device, num_classes, progress=progress)
     table.save(path)
     log(f"latency table built in {table.meta['build_seconds']:.1f} s: {len(table.entries)} entries, "
-        f"overhead {table.meta['overhead_ms']:+.3f} ms, range {table.bounds()[0]:.3f}-{table.bounds()[1]:.3f} ms")
+        f"scale {table.meta.get('scale', 1.0):.3f}, overhead {table.meta['overhead_ms']:+.3f} ms, range {table.bounds()[0]:.3f}-{table.bounds()[1]:.3f} ms")
     return table

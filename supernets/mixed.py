@@ -82,11 +82,12 @@ class BinaryGate(torch.autograd.Function):
 class MixedOp(nn.Module):
     """A searchable layer: candidates (``nn.Identity`` for ``zero``) and their logits ``alpha``."""
 
-    def __init__(self, names: Sequence[str], candidates: Sequence[nn.Module]):
+    def __init__(self, names: Sequence[str], candidates: Sequence[nn.Module], shared: nn.Module | None = None):
         super().__init__()
         if len(names) != len(candidates) or not names:
             raise ValueError("names and candidates must be non-empty and of equal length")
         self.names = tuple(names)
+        self.shared = shared  # weights the candidates slice (elastic layers), registered once here
         self.candidates = nn.ModuleList(candidates)
         # architecture logits; kept out of the weight optimizer by Supernet.weight_parameters()
         self.alpha = nn.Parameter(torch.zeros(len(names)))

@@ -15,12 +15,18 @@ from timm.models._efficientnet_builder import efficientnet_init_weights
 from .arch import Arch
 from .blocks import Head, Stem, make_block, space_timm_net
 from .mixed import GATE_MODES, PHASES, MixedOp
-from .space import ZERO, SearchSpace
+from .elastic import ElasticCandidate, ElasticWeights
+from .space import ZERO, Layer, SearchSpace, parse_op
+
+WEIGHT_SHARING = ("elastic", "separate")
 
 
 class Supernet(nn.Module):
-    def __init__(self, space: SearchSpace, num_classes: int, gate: str = "one"):
+    def __init__(self, space: SearchSpace, num_classes: int, gate: str = "one", weight_sharing: str = "elastic"):
         super().__init__()
+        if weight_sharing not in WEIGHT_SHARING:
+            raise ValueError(f"weight_sharing {weight_sharing!r} unknown; choose one of {', '.join(WEIGHT_SHARING)}")
+        self.weight_sharing = weight_sharing
         self.space = space
         self.num_classes = int(num_classes)
         self.stem = Stem(space.in_chans, space.stem_chs, space.act)
@@ -28,15 +34,26 @@ class Supernet(nn.Module):
         for n in space.stage_layers:
             stages.append(nn.ModuleList())
         for layer in space.layers:
-            cands = [nn.Identity() if op == ZERO else make_block(layer.spec(op), space.act) for op in layer.choices]
-            stages[layer.stage].append(MixedOp(layer.choices, cands))
+            stages[layer.stage].append(self._mixed_layer(layer))
         self.blocks = nn.ModuleList(stages)
         self.head = Head(space.last_chs, space.head_chs, num_classes, space.act)
-        efficientnet_init_weights(self)
+        efficientnet_init_weights(self)  # conv/BN/linear modules; elastic weights init themselves
         with torch.no_grad():
             for m in self.mixed_ops():
                 m.alpha.zero_()
         self.set_gate(gate)
+
+    def _mixed_layer(self, layer: Layer) -> MixedOp:
+        ops = [op for op in layer.choices if op != ZERO]
+        shared = None
+        if self.weight_sharing == "elastic":
+            shared = ElasticWeights(layer.in_chs, layer.out_chs, max(parse_op(o)[0] for o in ops),
+                                    max(parse_op(o)[1] for o in ops))
+            make = lambda op: ElasticCandidate(shared, layer, op, self.space.act)  # noqa: E731
+        else:
+            make = lambda op: make_block(layer.spec(op), self.space.act)  # noqa: E731
+        cands = [nn.Identity() if op == ZERO else make(op) for op in layer.choices]
+        return MixedOp(layer.choices, cands, shared)
 
     # ------------------------------------------------------------------ parameters
     def mixed_ops(self) -> Iterator[MixedOp]:
@@ -112,7 +129,8 @@ class Supernet(nn.Module):
             if op == ZERO:
                 continue
             cand = m.candidates[m.names.index(op)]
-            for k, v in cand.state_dict().items():
+            sd = cand.timm_state_dict() if isinstance(cand, ElasticCandidate) else cand.state_dict()
+            for k, v in sd.items():
                 out[f"blocks.{layer.stage}.{kept[layer.stage]}.{k}"] = v
             kept[layer.stage] += 1
         for k, v in self.head.state_dict().items():

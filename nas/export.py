@@ -1,0 +1,173 @@
+"""One export folder per derived architecture, and loading it back as a plain timm EfficientNet.
+
+Folder layout::
+
+    arch.yaml           schema_version, space, fingerprint, resolution, classes, choices, arch_def, timm kwargs
+    model.safetensors   inherited weights (BatchNorm recalibrated)
+    model.onnx          the same net, batch dimension dynamic
+    report.json         latency (predicted / measured), params, FLOPs, accuracy, search cost
+    *.png               plots (architecture probabilities over epochs, ...)
+
+A folder is written complete into a temporary sibling and renamed into place; an existing folder of
+the same name is kept as ``<name>.prev``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from supernets.arch import Arch, ArchError
+from supernets.blocks import build_timm_net
+from supernets.space import SearchSpace
+
+from .errors import UserError
+from .onnx_utils import export_onnx
+
+ARCH_FILE = "arch.yaml"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+REPORT_FILE = "report.json"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` over ``loader`` (eval mode)."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    if total == 0:
+        raise UserError("the evaluation split is empty; use a larger dataset or a smaller arch_fraction")
+    return correct / total
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_model_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    from .cost import count_flops
+
+    return count_flops(model, input_shape)
+
+
+def timm_kwargs(space: SearchSpace) -> dict[str, Any]:
+    return {"stem_size": space.stem_chs, "num_features": space.head_chs, "act_layer": space.act,
+            "in_chans": space.in_chans}
+
+
+def write_export(out_dir: str | os.PathLike, *, space: SearchSpace, arch: Arch, model: nn.Module,
+                 report: Mapping[str, Any], plots: Mapping[str, Callable[[Path], None]] | None = None,
+                 onnx: bool = True) -> Path:
+    """Write one export folder atomically (see the module docstring). ``plots`` maps a PNG file
+    name to a function that draws it at the given path."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        model = model.eval().cpu()
+        (tmp / ARCH_FILE).write_text(
+            arch.to_yaml(space.arch_def(arch), extra={"timm": timm_kwargs(space)}))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt", "space": space.name, "fingerprint": space.fingerprint})
+        files = [ARCH_FILE, WEIGHTS_FILE]
+        if onnx:
+            x = torch.zeros(1, space.in_chans, arch.resolution, arch.resolution)
+            export_onnx(model, x, str(tmp / ONNX_FILE), dynamic_batch=True)
+            files.append(ONNX_FILE)
+        for name, draw in (plots or {}).items():
+            try:
+                draw(tmp / name)
+                files.append(name)
+            except Exception as e:  # noqa: BLE001 - a plot must never cost the export
+                print(f"warning: plot {name} failed: {e}")
+        full = dict(report)
+        full["files"] = files + [REPORT_FILE]
+        (tmp / REPORT_FILE).write_text(json.dumps(full, indent=2, default=_json_default))
+        if out_dir.exists():
+            prev = out_dir.with_name(out_dir.name + ".prev")
+            if prev.exists():
+                shutil.rmtree(prev)
+            os.replace(out_dir, prev)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _json_default(o):
+    if isinstance(o, (torch.Tensor,)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, Arch):
+        return dict(o.choices)
+    return str(o)
+
+
+def read_arch_file(path: str | os.PathLike) -> tuple[Arch, dict[str, Any]]:
+    """The :class:`Arch` of an ``arch.yaml`` (or an export folder) and the file's raw mapping."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / ARCH_FILE
+    if not path.exists():
+        raise UserError(f"no architecture file at {path}; pass an export folder written by nas-search "
+                        f"(it holds {ARCH_FILE}), e.g. arch=outputs/<date>/<time>/export")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return Arch.from_dict(raw), raw
+    except (ArchError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def load_arch(path: str | os.PathLike, space: SearchSpace | None = None) -> Arch:
+    arch, _ = read_arch_file(path)
+    if space is not None:
+        try:
+            space.validate(arch)
+        except ArchError as e:
+            raise UserError(f"{path}: {e}") from None
+    return arch
+
+
+def build_from_arch_file(path: str | os.PathLike) -> tuple[nn.Module, Arch]:
+    """A freshly initialised timm EfficientNet for the architecture in ``path``."""
+    arch, raw = read_arch_file(path)
+    if "arch_def" not in raw or "timm" not in raw:
+        raise UserError(f"{path}: lacks 'arch_def' or 'timm'; re-export it with nas-search")
+    t = raw["timm"]
+    try:
+        net = build_timm_net(raw["arch_def"], stem_chs=int(t["stem_size"]), head_chs=int(t["num_features"]),
+                             num_classes=arch.num_classes, act=str(t.get("act_layer", "relu6")),
+                             in_chans=int(t.get("in_chans", 3)))
+    except Exception as e:  # noqa: BLE001 - malformed arch_def from a hand-edited file
+        raise UserError(f"{path}: its arch_def cannot be built by timm ({e}); re-export it with nas-search") from None
+    return net, arch
+
+
+def load_subnet(export_dir: str | os.PathLike) -> nn.Module:
+    """The exported network: a plain ``timm.models.EfficientNet`` with the saved weights, eval mode."""
+    export_dir = Path(export_dir)
+    net, _ = build_from_arch_file(export_dir)
+    wpath = export_dir / WEIGHTS_FILE
+    if not wpath.exists():
+        raise UserError(f"no weights at {wpath}; pass a complete export folder written by nas-search")
+    state = load_file(str(wpath))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{wpath} does not match {export_dir / ARCH_FILE}: missing {list(missing)[:5]}, "
+                        f"unexpected {list(unexpected)[:5]}")
+    return net.eval()

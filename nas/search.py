@@ -1,0 +1,148 @@
+"""``nas-search``: search a supernet for a device and dataset, then export the derived network(s).
+
+    nas-search                                        # mbv2_tiny on digits for this CPU, ProxylessNAS
+    nas-search space=mbv2_tiny hardware=onnxruntime strategy.latency_target=0.4
+    nas-search -m strategy.latency_target=0.3,0.5,0.7 seed=0,1
+
+Returns the derived network's validation accuracy (for Hydra sweepers).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from .cli import (CONF_DIR, instantiate, make_cost_model, make_device, make_logger, make_space,
+                  progress_callbacks, trainer_kwargs, user_errors)
+
+
+def export_arch(label: str, arch, *, module, space, datamodule, device, cost_model, out_dir: Path,
+                cfg, search_seconds: float, target) -> dict[str, Any]:
+    """Extract ``arch`` from the trained supernet, recalibrate BN, evaluate, measure and export it."""
+    from supernets.bn import calibrate_bn
+
+    from .cost import measure_archs
+    from .export import count_model_flops, count_params, evaluate, write_export
+    from .plots import plot_choice_probs, plot_cost_curve
+
+    sub = module.supernet.extract(arch).cpu()
+    calibrate_bn(sub, datamodule.calib_dataloader(int(cfg.export.calib_batches)))
+    val_acc = evaluate(sub, datamodule.val_dataloader())
+    predicted = cost_model.predict(arch)
+    measured = None
+    if cfg.export.measure:
+        (measured,) = measure_archs(space, [arch], device, reference_ms=cost_model.meta.get("reference_ms"))
+    shape = (space.in_chans, space.resolution, space.resolution)
+    report = {
+        "label": label,
+        "space": space.name,
+        "space_fingerprint": space.fingerprint,
+        "strategy": module.name,
+        "arch": dict(arch.choices),
+        "data": datamodule.describe(),
+        "latency_ms": {
+            "predicted": predicted,
+            "measured": measured,
+            "target": target,
+            "device": device.name,
+            "device_fingerprint": device.fingerprint_id(),
+            "batch_size": device.batch_size,
+        },
+        "lut": {k: cost_model.meta.get(k) for k in ("overhead_ms", "reference_ms", "build_seconds", "validation")
+                if k in cost_model.meta},
+        "params": count_params(sub),
+        "flops": count_model_flops(sub, shape),
+        "val_acc": val_acc,
+        "search_seconds": search_seconds,
+        "search_cost": dict(module.search_cost),
+        "seed": int(cfg.seed),
+    }
+    choices = space.decisions()
+    plots = {}
+    if any("probs" in h for h in module.history):
+        plots["arch_probs.png"] = lambda p: plot_choice_probs(module.history, choices, p)
+    if any("expected" in h for h in module.history):
+        plots["latency_curve.png"] = lambda p: plot_cost_curve(module.history, p, target, cost_model.unit)
+    write_export(out_dir, space=space, arch=arch, model=sub, report=report, plots=plots, onnx=bool(cfg.export.onnx))
+    report["dir"] = str(out_dir)
+    return report
+
+
+def print_summary(reports: list[dict[str, Any]], total_seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"hwnas search: done in {total_seconds:.0f} s")
+    for col in ("export", "architecture", "latency pred / meas (ms)", "target", "params", "MFLOPs", "val acc"):
+        table.add_column(col)
+    for r in reports:
+        lat = r["latency_ms"]
+        meas = f"{lat['measured']:.3f}" if lat["measured"] is not None else "-"
+        tgt = f"{lat['target']:.3f}" if lat["target"] is not None else "-"
+        table.add_row(r["dir"], " ".join(r["arch"].values()), f"{lat['predicted']:.3f} / {meas}", tgt,
+                      f"{r['params'] / 1e6:.3f}M", f"{r['flops'] / 1e6:.1f}", f"{100 * r['val_acc']:.2f}%")
+    Console(width=200).print(table)
+
+
+def run_search(cfg: DictConfig) -> float:
+    import pytorch_lightning as pl
+    import torch
+
+    from supernets.supernet import Supernet
+
+    t_start = time.perf_counter()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    torch.set_num_threads(int(cfg.hardware.get("threads", torch.get_num_threads())))
+    # ---- everything a user can get wrong is checked here, before any training
+    space = make_space(cfg.space)
+    datamodule = instantiate(cfg.data)
+    device = make_device(cfg.hardware)
+    num_classes = datamodule.num_classes
+    cost_model = make_cost_model(cfg, space, device, num_classes)
+    target = cost_model.resolve_target(cfg.strategy.get("latency_target"))
+    supernet = Supernet(space, num_classes, weight_sharing=str(cfg.supernet.weight_sharing))
+    module = instantiate(cfg.strategy.module)(supernet=supernet, cost_model=cost_model, target=target)
+    logger = make_logger(cfg.get("logger"))
+    lo, hi = cost_model.bounds()
+    print(f"space {space.name}: {len(space.layers)} searchable layers, {space.size():.3g} architectures; "
+          f"latency {lo:.3f}-{hi:.3f} ms on {device.name}"
+          + (f"; target {target:.3f} ms ({target / hi:.2f} of largest)" if target else ""))
+
+    run_dir = Path(cfg.export.dir).parent
+    trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=progress_callbacks(cfg.progress),
+                         default_root_dir=str(run_dir))
+    trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
+                val_dataloaders=datamodule.val_dataloader())
+    search_seconds = time.perf_counter() - t_start
+
+    reports = []
+    if trainer.is_global_zero:
+        archs = module.derive_all()
+        base = Path(cfg.export.dir)
+        for label, arch in archs.items():
+            out = base if len(archs) == 1 else base / label
+            reports.append(export_arch(label, arch, module=module, space=space, datamodule=datamodule,
+                                       device=device, cost_model=cost_model, out_dir=out, cfg=cfg,
+                                       search_seconds=search_seconds, target=target))
+        if logger:
+            logger.log_metrics({"export/val_acc": reports[0]["val_acc"],
+                                "export/latency_pred_ms": reports[0]["latency_ms"]["predicted"]})
+        print_summary(reports, time.perf_counter() - t_start)
+    if logger and hasattr(logger, "experiment") and "Wandb" in type(logger).__name__:
+        import wandb
+
+        wandb.finish()
+    return float(reports[0]["val_acc"]) if reports else 0.0
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
+@user_errors
+def main(cfg: DictConfig) -> float:
+    return run_search(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""ProxylessNAS (Cai, Zhu, Han; ICLR 2019): binarized paths with the expected latency in the loss.
+
+Schedule: ``warmup_epochs`` of weight training on uniformly random paths; then every batch one
+weight step on the training split (one sampled path, SGD) and, every ``arch_every`` batches, one
+architecture step on a batch of the arch split (Adam on alpha, betas (0, 0.999), its own optimizer).
+The architecture loss is the cross-entropy combined with the expected latency E[lat] under
+p = softmax(alpha) (see :func:`latency_loss`). ``derive()`` takes the argmax per layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from supernets.arch import Arch
+
+from .base import SearchStrategy
+
+LOSS_FORMS = ("mul_log", "add", "abs", "none")
+
+
+def latency_loss(ce: torch.Tensor, expected: torch.Tensor, target: float | None, form: str = "mul_log",
+                 a: float = 0.2, b: float = 0.3, lam: float = 0.1) -> torch.Tensor:
+    """Cross-entropy combined with the expected latency ``expected`` (ms) and target ``target`` (ms).
+
+    * ``mul_log`` (ProxylessNAS): ``ce * a * (log E / log T) ** b``. Logs are taken of microseconds,
+      so that sub-millisecond latencies keep the ratio meaningful (log of ms < 1 is negative).
+    * ``add`` (ProxylessNAS): ``ce + lam * (E - T) / T``: pushes latency down at a constant rate.
+    * ``abs``: ``ce + lam * |E - T| / T``: pulls the expected latency onto the target from either side.
+    * ``none``: cross-entropy only.
+    """
+    if form == "none" or target is None:
+        return ce
+    if form == "mul_log":
+        ratio = torch.log(expected * 1000.0) / math.log(target * 1000.0)
+        return ce * a * ratio.clamp_min(1e-6) ** b
+    if form == "add":
+        return ce + lam * (expected - target) / target
+    if form == "abs":
+        return ce + lam * (expected - target).abs() / target
+    raise ValueError(f"latency loss form {form!r} unknown; choose one of {', '.join(LOSS_FORMS)}")
+
+
+class ProxylessSearch(SearchStrategy):
+    name = "proxyless"
+
+    def __init__(self, supernet, cost_model, target: float | None = None, *, gate: str = "one",
+                 warmup_epochs: int = 2, weight_lr: float = 0.05, weight_momentum: float = 0.9,
+                 weight_decay: float = 4e-5, nesterov: bool = True, arch_lr: float = 0.006,
+                 arch_betas: tuple[float, float] = (0.0, 0.999), arch_every: int = 1,
+                 loss_form: str = "mul_log", loss_a: float = 0.2, loss_b: float = 0.3,
+                 loss_lambda: float = 0.1, label_smoothing: float = 0.0, grad_clip: float = 5.0):
+        super().__init__(supernet, cost_model, target)
+        if loss_form not in LOSS_FORMS:
+            raise ValueError(f"latency loss form {loss_form!r} unknown; choose one of {', '.join(LOSS_FORMS)}")
+        self.automatic_optimization = False
+        self.supernet.set_gate(gate)
+        self.gate = gate
+        self.warmup_epochs = int(warmup_epochs)
+        self.weight_opt_args = dict(lr=weight_lr, momentum=weight_momentum, weight_decay=weight_decay,
+                                    nesterov=nesterov)
+        self.arch_opt_args = dict(lr=arch_lr, betas=tuple(arch_betas), weight_decay=0.0)
+        self.arch_every = max(1, int(arch_every))
+        self.loss_args = dict(form=loss_form, a=loss_a, b=loss_b, lam=loss_lambda)
+        self.label_smoothing = label_smoothing
+        self.grad_clip = grad_clip
+
+    def train_loaders(self, datamodule):
+        return self.paired_loaders(datamodule)
+
+    def configure_optimizers(self):
+        w = torch.optim.SGD(self.supernet.weight_parameters(), **self.weight_opt_args)
+        a = torch.optim.Adam(self.supernet.arch_parameters(), **self.arch_opt_args)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(w, T_max=epochs)
+        return [w, a], [sched]
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.current_epoch < self.warmup_epochs
+
+    def expected_latency(self) -> torch.Tensor:
+        return self.cost_model.expected(self.supernet.probs())
+
+    def training_step(self, batch, batch_idx):
+        opt_w, opt_a = self.optimizers()
+        net = self.supernet
+        x, y = batch["train"]
+        # ---- weight step: one sampled path (uniform during warm-up)
+        net.set_phase("weight")
+        net.sample("uniform" if self.in_warmup else "probs")
+        opt_w.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y, label_smoothing=self.label_smoothing)
+        self.manual_backward(loss)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.weight_parameters(), self.grad_clip)
+        opt_w.step()
+        self.count_images(len(y))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        # ---- architecture step on the arch split
+        if not self.in_warmup and batch_idx % self.arch_every == 0:
+            xa, ya = batch["arch"]
+            net.set_phase("arch")
+            net.sample("probs")
+            opt_a.zero_grad(set_to_none=True)
+            ce = F.cross_entropy(net(xa), ya)
+            exp_lat = self.expected_latency()
+            arch_loss = latency_loss(ce, exp_lat, self.target, **self.loss_args)
+            self.manual_backward(arch_loss)
+            opt_a.step()
+            net.rescale_pairs()
+            opt_w.zero_grad(set_to_none=True)  # the arch step's stem/head gradients are not a weight step
+            net.set_phase("weight")
+            self.count_images(len(ya))
+            self.log("arch/loss", arch_loss, on_step=False, on_epoch=True, batch_size=len(ya))
+            self.log("arch/expected_ms", exp_lat.detach(), prog_bar=True, on_step=False, on_epoch=True,
+                     batch_size=len(ya))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        with torch.no_grad():
+            probs = {k: v.detach().cpu().tolist() for k, v in self.supernet.probs().items()}
+            derived = self.derive()
+            row = {
+                "epoch": int(self.current_epoch),
+                "probs": probs,
+                "expected": float(self.expected_latency()),
+                "derived": dict(derived.choices),
+                "derived_cost": float(self.cost_model.predict(derived)),
+            }
+        self.history.append(row)
+        ent = sum(-(torch.tensor(p) * torch.tensor(p).clamp_min(1e-12).log()).sum().item() for p in probs.values())
+        self.log("arch/entropy", ent / max(1, len(probs)))
+        self.log("arch/derived_cost", row["derived_cost"], prog_bar=True)
+        for name, p in probs.items():
+            self.log(f"arch_p/{name}", max(p))
+
+    def derive(self) -> Arch:
+        return self.supernet.argmax_arch()
