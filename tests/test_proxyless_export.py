@@ -1,0 +1,157 @@
+"""Cost model algebra, the ProxylessNAS strategy in Lightning, and the export round trip."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from nas.cost import CostModel, LatencyTable
+from nas.errors import UserError
+from nas.export import load_subnet, write_export
+from nas.strategies.proxyless import ProxylessSearch, latency_loss
+from supernets.space import SearchSpace
+from supernets.supernet import Supernet
+
+from .test_supernet import TINY
+
+
+@pytest.fixture(scope="module")
+def space() -> SearchSpace:
+    return SearchSpace.from_dict(TINY)
+
+
+def _table(space: SearchSpace, seed: int = 0) -> LatencyTable:
+    rng = random.Random(seed)
+    costs = {l.name: [0.0 if op == "zero" else rng.uniform(0.1, 1.0) for op in l.choices] for l in space.layers}
+    return LatencyTable(space, costs, 0.5, {"reference_ms": 1.0})
+
+
+def test_expected_latency_equals_hand_sum_for_one_hot(space):
+    table = _table(space)
+    arch = space.sample(4, random.Random(1))
+    probs = {l.name: F.one_hot(torch.tensor(l.choices.index(arch.choices[l.name])), len(l.choices)).float()
+             for l in space.layers}
+    hand = 0.5 + sum(table.layer_costs[l.name][l.choices.index(arch.choices[l.name])] for l in space.layers)
+    assert math.isclose(table.expected(probs).item(), hand, rel_tol=1e-6)
+    assert math.isclose(table.predict(arch), hand, rel_tol=1e-9)
+
+
+def test_expected_latency_is_differentiable_in_alpha(space):
+    table = _table(space)
+    net = Supernet(space, 4)
+    e = table.expected(net.probs())
+    e.backward()
+    for layer, a in zip(space.layers, net.arch_parameters()):
+        p = F.softmax(a.detach(), 0)
+        c = torch.tensor(table.layer_costs[layer.name])
+        assert torch.allclose(a.grad, p * (c - (p * c).sum()), atol=1e-6)  # d/dalpha of p . c
+
+
+def test_bounds_and_targets(space):
+    table = _table(space)
+    lo, hi = table.bounds()
+    assert math.isclose(table.predict(table.cheapest(4)), lo) and math.isclose(table.predict(table.priciest(4)), hi)
+    assert math.isclose(table.resolve_target(0.9), 0.9 * hi)
+    assert math.isclose(table.resolve_target(f"{hi * 0.9:.6f}ms"), hi * 0.9, rel_tol=1e-5)
+    assert table.resolve_target(None) is None
+    with pytest.raises(UserError, match="smallest reachable"):
+        table.resolve_target(lo / hi * 0.5)
+    with pytest.raises(UserError, match="not a number"):
+        table.resolve_target("fast")
+
+
+def test_latency_loss_forms():
+    ce = torch.tensor(2.0)
+    e = torch.tensor(3.0, requires_grad=True)
+    t = 2.0
+    assert torch.isclose(latency_loss(ce, e, t, "mul_log", a=0.2, b=0.3),
+                         2.0 * 0.2 * (math.log(3000) / math.log(2000)) ** 0.3 * torch.ones(()))
+    assert torch.isclose(latency_loss(ce, e, t, "add", lam=0.1), torch.tensor(2.0 + 0.1 * 0.5))
+    assert torch.isclose(latency_loss(ce, torch.tensor(1.0), t, "abs", lam=0.1), torch.tensor(2.0 + 0.1 * 0.5))
+    assert latency_loss(ce, e, None, "add") is ce
+    # every form penalises being over the target
+    for form in ("mul_log", "add", "abs"):
+        e.grad = None
+        latency_loss(ce, e, t, form).backward()
+        assert e.grad > 0, form
+
+
+class _DM:
+    """A tiny in-memory data module with the interface strategies use."""
+
+    def __init__(self, n=48, classes=4, res=16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, res, res, generator=g)
+        self.y = torch.randint(classes, (n,), generator=g)
+        self.num_classes = classes
+
+    def _dl(self, shuffle):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16, shuffle=shuffle)
+
+    def train_dataloader(self):
+        return self._dl(True)
+
+    def arch_dataloader(self):
+        return self._dl(True)
+
+    def val_dataloader(self):
+        return self._dl(False)
+
+
+@pytest.mark.parametrize("gate", ["one", "two", "full"])
+def test_proxyless_search_runs_and_moves_alpha(space, gate):
+    pl.seed_everything(0, verbose=False)
+    dm = _DM()
+    net = Supernet(space, dm.num_classes)
+    table = _table(space)
+    lo, hi = table.bounds()
+    module = ProxylessSearch(net, table, target=(lo + hi) / 2, gate=gate, warmup_epochs=1, arch_lr=0.05,
+                             loss_form="add", loss_lambda=1.0)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=module.train_loaders(dm), val_dataloaders=dm.val_dataloader())
+    alphas = torch.cat([a.detach() for a in net.arch_parameters()])
+    assert alphas.abs().sum() > 0  # architecture steps happened after the warm-up
+    assert len(module.history) == 3 and set(module.history[-1]["probs"]) == {l.name for l in space.layers}
+    assert module.history[0]["expected"] == pytest.approx(table.expected(
+        {k: torch.full((len(v),), 1 / len(v)) for k, v in space.decisions().items()}).item())  # warm-up: uniform
+    assert module.search_cost["images"] > 0 and module.search_cost["epochs"] == 3
+    arch = module.derive()
+    space.validate(arch)
+    # the additive latency term lowers the expected latency against the uniform start
+    assert module.history[-1]["expected"] < module.history[0]["expected"]
+
+
+def test_export_loads_back_to_the_same_outputs(space, tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    net = Supernet(space, 4)
+    arch = space.sample(4, random.Random(7))
+    sub = net.extract(arch).eval()
+    out = write_export(tmp_path / "export", space=space, arch=arch, model=sub, report={"val_acc": 0.5})
+    assert {p.name for p in out.iterdir()} == {"arch.yaml", "model.safetensors", "model.onnx", "report.json"}
+    assert json.loads((out / "report.json").read_text())["val_acc"] == 0.5
+    loaded = load_subnet(out)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), sub(x), atol=1e-6)
+        sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        onnx_out = sess.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(onnx_out, sub(x).detach().numpy(), atol=1e-4)
+    # a second export to the same place keeps the first one
+    write_export(tmp_path / "export", space=space, arch=arch, model=sub, report={"val_acc": 0.6}, onnx=False)
+    assert json.loads((tmp_path / "export.prev" / "report.json").read_text())["val_acc"] == 0.5
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_load_subnet_refuses_incomplete_folder(tmp_path):
+    with pytest.raises(UserError, match="no architecture file"):
+        load_subnet(tmp_path)
