@@ -63,15 +63,29 @@ def make_space(cfg_space):
 
 
 def make_device(cfg_hw):
-    from .devices import build_device
+    """A timed device (``cpu``, ``onnxruntime``, ``cuda``) or an analytic one (``flops``, ``params``)."""
+    from .cost import ANALYTIC_NAMES, AnalyticDevice
+    from .devices import DEVICE_NAMES, build_device
 
     hw = OmegaConf.to_container(cfg_hw, resolve=True)
+    name = hw.get("name")
+    if name in ANALYTIC_NAMES:
+        return AnalyticDevice(**hw)
+    if name not in DEVICE_NAMES:
+        raise UserError(f"unknown hardware '{name}'; choose one of: {', '.join((*DEVICE_NAMES, *ANALYTIC_NAMES))} "
+                        f"(conf/hardware/)")
     return build_device(**hw)
 
 
 def make_cost_model(cfg, space, device, num_classes: int, log=print):
-    from .cost import LatencyTable, load_or_build_table
+    """The device's latency table (cached, built when missing; or ``lut.path``), or for
+    ``hardware=flops|params`` the analytic model."""
+    from .cost import AnalyticDevice, LatencyTable, load_or_build_table
 
+    if isinstance(device, AnalyticDevice):
+        if cfg.lut.get("path"):
+            log(f"note: hardware={device.name} is analytic; lut.path={cfg.lut.path} is not used")
+        return device.cost_model(space, num_classes)
     if cfg.lut.get("path"):
         path = Path(cfg.lut.path).expanduser()
         if not path.exists():

@@ -6,9 +6,31 @@ per-network overhead). That gives
 
 * ``predict(arch)``   the cost of one architecture, and
 * ``expected(probs)`` sum_l sum_i p_li cost_li + fixed, differentiable in p (and so in alpha).
+
+Latency tables (file format version 2, JSON)
+    ``entries`` maps a key naming every field that changes a block's cost (:func:`entry_key`: block
+    type, input H x W x C, output channels, kernel, expand, stride, skip, and any further field of
+    :class:`~supernets.space.BlockSpec`) to ``{median_ms, ratio, spread, count, ci, role, fields}``.
+    ``fixed_parts`` names the entries of the stem, the fixed first block and the head (+ classifier).
+    ``overhead`` is the per-device calibration that turns standalone block times into whole-network
+    time: ``net_ms = scale * (sum of its parts' ms) + per_block_ms * (number of searchable blocks)
+    + offset_ms``, fitted on whole subnets measured in the same pass as the entries. ``layers`` and
+    ``fixed_ms`` are the resulting additive model (derived; recomputed from the entries on load).
+    The file also holds the space's name and fingerprint (a table for another space is refused), the
+    device fingerprint (a table from another device configuration is loaded with a warning), the
+    measurement method, and the ``validation`` summary written by ``nas-lut`` (see
+    :mod:`nas.lut_validate`), which every search copies into its report.
+
+How latency is measured: see :mod:`nas.devices` and docs/latency.md. All times are expressed in
+"table milliseconds": a median ratio to a fixed reference block timed in alternation, times the
+reference's median time in the pass that built the table, so that tables, calibration and later
+measurements (:func:`measure_archs` with ``reference_ms``) share one unit whatever the machine's
+speed state was in each pass.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -16,9 +38,11 @@ import random
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -28,7 +52,22 @@ from supernets.space import ZERO, BlockSpec, SearchSpace
 
 from .errors import UserError
 
-TABLE_VERSION = 1
+#: Version of the latency-table file format written by :meth:`LatencyTable.save`.
+TABLE_VERSION = 2
+TABLE_FORMAT = "hwnas-latency-table"
+
+#: ``hardware=`` names served by an analytic model instead of a timed device.
+ANALYTIC_NAMES: tuple[str, ...] = ("flops", "params")
+
+#: Defaults of the latency measurement (overridable per call and in conf/lut.yaml).
+DEFAULT_CALIB_NETS = 24
+DEFAULT_REL_CI = 0.01
+DEFAULT_MAX_REPEATS = 400
+DEFAULT_MAX_SECONDS = 90.0
+
+
+class LatencyTableWarning(UserWarning):
+    """A latency table was measured on another device configuration than this machine's."""
 
 
 class CostModel:
@@ -134,52 +173,350 @@ class ParamsModel(CostModel):
     unit = "Mparams"
 
 
+
+
+# ---------------------------------------------------------------------- keys and items
+_KEY_FIELDS = ("type", "in_chs", "out_chs", "kernel", "expand", "stride", "in_size")
+
+
+def entry_key(spec: BlockSpec) -> str:
+    """The table key of a block: every field that changes its cost.
+
+    ``ir:in8x8x16:out24:k5:e6:s2:skip0`` (type, input H x W x C, output channels, kernel, expand,
+    stride, skip). Any further field a :class:`BlockSpec` may carry (e.g. a width multiplier or an
+    activation) is appended as ``:<name>=<value>``, so two specs that differ anywhere never collide.
+    """
+    key = spec.key()
+    for f in dataclasses.fields(spec):
+        if f.name not in _KEY_FIELDS:
+            key += f":{f.name}={getattr(spec, f.name)}"
+    return key
+
+
+def entry_fields(spec: BlockSpec) -> dict[str, Any]:
+    """The cost-changing fields of a block, spelled out (stored beside each table entry)."""
+    d: dict[str, Any] = {
+        "block": spec.type, "in_h": spec.in_size, "in_w": spec.in_size, "in_c": spec.in_chs,
+        "out_h": spec.out_size, "out_w": spec.out_size, "out_c": spec.out_chs, "kernel": spec.kernel,
+        "expand": spec.expand, "stride": spec.stride, "skip": bool(spec.skip),
+    }
+    for f in dataclasses.fields(spec):
+        if f.name not in _KEY_FIELDS:
+            d[f.name] = getattr(spec, f.name)
+    return d
+
+
+def _fixed_parts(space: SearchSpace, num_classes: int) -> dict[str, tuple[str, nn.Module, tuple[int, ...], dict]]:
+    """``{role: (key, module, input_shape, fields)}`` for the stem, the fixed first block and the head."""
+    r, f = space.resolution, space.first
+    fs = space.final_size
+    return {
+        "stem": (f"stem:in{r}x{r}x{space.in_chans}:out{space.stem_chs}",
+                 Stem(space.in_chans, space.stem_chs, space.act), (space.in_chans, r, r),
+                 {"block": "stem", "in_h": r, "in_w": r, "in_c": space.in_chans, "out_c": space.stem_chs,
+                  "kernel": 3, "stride": 2}),
+        "first": (entry_key(f), make_block(f, space.act), (f.in_chs, f.in_size, f.in_size), entry_fields(f)),
+        "head": (f"head:in{fs}x{fs}x{space.last_chs}:f{space.head_chs}:cls{num_classes}",
+                 Head(space.last_chs, space.head_chs, num_classes, space.act), (space.last_chs, fs, fs),
+                 {"block": "head", "in_h": fs, "in_w": fs, "in_c": space.last_chs, "features": space.head_chs,
+                  "classes": num_classes}),
+    }
+
+
+def _fixed_modules(space: SearchSpace, num_classes: int) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """Stem, first block and head as ``{key: (module, input shape (C, H, W))}``."""
+    return {key: (module, shape) for key, module, shape, _ in _fixed_parts(space, num_classes).values()}
+
+
+def _block_items(space: SearchSpace) -> dict[str, BlockSpec]:
+    """Every distinct searchable block of the space, by :func:`entry_key`."""
+    items: dict[str, BlockSpec] = {}
+    for layer in space.layers:
+        for op in layer.choices:
+            spec = layer.spec(op)
+            if spec is not None:
+                items.setdefault(entry_key(spec), spec)
+    return items
+
+
+def table_items(space: SearchSpace, num_classes: int) -> dict[str, dict[str, Any]]:
+    """Everything a latency table measures: ``{key: {module, input_shape, role, fields}}``.
+
+    ``role`` is ``stem``, ``first`` or ``head`` for the fixed parts and ``block`` for searchable blocks.
+    """
+    items: dict[str, dict[str, Any]] = {}
+    for role, (key, module, shape, fields) in _fixed_parts(space, num_classes).items():
+        items[key] = {"module": module, "input_shape": tuple(shape), "role": role, "fields": fields}
+    for key, spec in _block_items(space).items():
+        items.setdefault(key, {"module": make_block(spec, space.act),
+                               "input_shape": (spec.in_chs, spec.in_size, spec.in_size),
+                               "role": "block", "fields": entry_fields(spec)})
+    return items
+
+
+def arch_net(space: SearchSpace, arch: Arch) -> tuple[nn.Module, tuple[int, ...]]:
+    """The static (timm) net of ``arch`` in eval mode, and its input shape (C, H, W)."""
+    net = space_timm_net(space, arch, arch.num_classes).eval()
+    return net, (space.in_chans, space.resolution, space.resolution)
+
+
+def calibration_archs(space: SearchSpace, num_classes: int, n: int, seed: int = 0) -> list[Arch]:
+    """Largest, smallest and ``n - 2`` random subnets (seeded; a stream apart from validation's)."""
+    if n <= 0:
+        return []
+    rng = random.Random(f"hwnas-calibration-{seed}")
+    archs = [space.largest(num_classes), space.smallest(num_classes)][:n]
+    archs += [space.sample(num_classes, rng) for _ in range(n - len(archs))]
+    return archs
+
+
+def validation_archs(space: SearchSpace, num_classes: int, samples: int, seed: int = 0) -> list[tuple[str, Arch]]:
+    """``[(label, arch)]``: the largest, the smallest and ``samples`` random subnets (seeded, and drawn
+    from a stream independent of :func:`calibration_archs`)."""
+    rng = random.Random(f"hwnas-validation-{seed}")
+    out = [("largest", space.largest(num_classes)), ("smallest", space.smallest(num_classes))]
+    out += [(f"random{i}", space.sample(num_classes, rng)) for i in range(samples)]
+    return out
+
+
+# ---------------------------------------------------------------------- overhead model
+def arch_features(space: SearchSpace, arch: Arch, entry_ms: Mapping[str, float],
+                  fixed_keys: Sequence[str]) -> tuple[float, int]:
+    """``(sum of the ms of the net's parts, number of searchable blocks)`` of ``arch``."""
+    total = sum(entry_ms[k] for k in fixed_keys)
+    blocks = 0
+    for layer in space.layers:
+        spec = layer.spec(arch.choices[layer.name])
+        if spec is not None:
+            total += entry_ms[entry_key(spec)]
+            blocks += 1
+    return total, blocks
+
+
+OVERHEAD_MODELS = ("offset", "scale_offset", "per_block")
+
+
+def _fit(model: str, sums: np.ndarray, blocks: np.ndarray, measured: np.ndarray) -> dict[str, float] | None:
+    """Least squares in relative error (rows weighted by 1/measured) of one overhead model."""
+    w = 1.0 / measured
+    if model == "offset":
+        offset = float(np.median(measured - sums))
+        return {"scale": 1.0, "per_block_ms": 0.0, "offset_ms": offset}
+    cols = [sums, np.ones_like(sums)] if model == "scale_offset" else [sums, blocks, np.ones_like(sums)]
+    a = np.stack(cols, axis=1) * w[:, None]
+    if np.linalg.matrix_rank(a) < a.shape[1]:
+        return None
+    coef, *_ = np.linalg.lstsq(a, measured * w, rcond=None)
+    scale = float(coef[0])
+    if not 0.2 <= scale <= 5.0:  # implausible: a whole net runs the same work as its parts
+        return None
+    if model == "scale_offset":
+        return {"scale": scale, "per_block_ms": 0.0, "offset_ms": float(coef[1])}
+    return {"scale": scale, "per_block_ms": float(coef[1]), "offset_ms": float(coef[2])}
+
+
+def _apply(fit: Mapping[str, float], sums, blocks):
+    return fit["scale"] * sums + fit["per_block_ms"] * blocks + fit["offset_ms"]
+
+
+def fit_overhead(sums: Sequence[float], blocks: Sequence[int], measured: Sequence[float]) -> dict[str, Any]:
+    """Fit the per-device overhead model ``net = scale * sum + per_block_ms * blocks + offset_ms``.
+
+    Three nested models are tried: ``offset`` (scale 1, no per-block term), ``scale_offset`` and
+    ``per_block`` (a fixed cost per block call that a standalone measurement counts and a whole net
+    does not, e.g. one ONNX Runtime ``session.run`` per block). Each is scored by its leave-one-out
+    relative RMSE over the calibration nets; a richer model must beat the simpler one by 5 % of that
+    error to be chosen. Returns the chosen coefficients, ``model``, ``loo_rmse_pct`` per model and
+    ``fit_rmse_pct`` (in-sample).
+    """
+    s, b, m = (np.asarray(v, dtype=np.float64) for v in (sums, blocks, measured))
+    n = len(m)
+    if n == 0:
+        return {"model": "none", "scale": 1.0, "per_block_ms": 0.0, "offset_ms": 0.0, "calibration_nets": 0}
+    loo: dict[str, float] = {}
+    for model in OVERHEAD_MODELS:
+        need = {"offset": 1, "scale_offset": 3, "per_block": 5}[model]
+        if n < need or _fit(model, s, b, m) is None:
+            continue
+        errs = []
+        for i in range(n):
+            keep = np.arange(n) != i
+            f = _fit(model, s[keep], b[keep], m[keep]) if n > 1 else _fit(model, s, b, m)
+            if f is None:
+                break
+            errs.append((_apply(f, s[i], b[i]) - m[i]) / m[i])
+        else:
+            loo[model] = float(100.0 * math.sqrt(float(np.mean(np.square(errs)))))
+    chosen = "offset"
+    for model in OVERHEAD_MODELS[1:]:
+        if model in loo and loo[model] < 0.95 * loo[chosen]:
+            chosen = model
+    fit = _fit(chosen, s, b, m)
+    pred = _apply(fit, s, b)
+    return {"model": chosen, **fit, "calibration_nets": n,
+            "fit_rmse_pct": float(100.0 * math.sqrt(float(np.mean(np.square((pred - m) / m))))),
+            "loo_rmse_pct": {k: round(v, 3) for k, v in loo.items()}}
+
+
+def fit_scale_offset(predicted: list[float], measured: list[float]) -> tuple[float, float]:
+    """Least-squares ``measured ~ scale * predicted + offset`` (kept for callers of the first format)."""
+    f = _fit("scale_offset", np.asarray(predicted, float), np.zeros(len(predicted)), np.asarray(measured, float))
+    if f is None or len(predicted) < 2:
+        return 1.0, statistics.median(m - p for p, m in zip(predicted, measured))
+    return f["scale"], f["offset_ms"]
+
+
+# ---------------------------------------------------------------------- the table
+_STRUCTURAL = ("version", "format", "space", "space_fingerprint", "entries", "fixed_parts", "overhead",
+               "layers", "fixed_ms")
+
+
+def _rebuild_cmd(space_name: str, device: str | None) -> str:
+    return f"nas-lut space={space_name} hardware={device or '<device>'}"
+
+
 class LatencyTable(CostModel):
+    """Measured latency (ms) of every candidate on one device, as an additive cost model.
+
+    Build one with :func:`build_latency_table` (or ``nas-lut``), or from entries with
+    :meth:`from_entries`. ``entries`` holds the measured blocks (see the module docstring); the
+    additive ``layer_costs`` / ``fixed`` follow from them and the ``overhead`` calibration.
+    """
+
     kind = "latency"
     unit = "ms"
 
     def __init__(self, space, layer_costs, fixed, meta=None, entries=None):
         super().__init__(space, layer_costs, fixed, meta)
-        self.entries: dict[str, dict[str, float]] = dict(entries or {})
+        self.entries: dict[str, dict[str, Any]] = dict(entries or {})
+
+    @classmethod
+    def from_entries(cls, space: SearchSpace, entries: Mapping[str, Mapping[str, Any]],
+                     fixed_parts: Mapping[str, str], overhead: Mapping[str, Any] | None = None,
+                     meta: Mapping[str, Any] | None = None) -> "LatencyTable":
+        """The additive model from measured entries and an overhead calibration.
+
+        A candidate costs ``scale * median_ms + per_block_ms``, ``zero`` costs 0, and the fixed
+        part is ``scale * (stem + first + head) + offset_ms``.
+        """
+        ov = {"model": "none", "scale": 1.0, "per_block_ms": 0.0, "offset_ms": 0.0, **dict(overhead or {})}
+        scale, per_block, offset = float(ov["scale"]), float(ov["per_block_ms"]), float(ov["offset_ms"])
+        missing = [k for k in fixed_parts.values() if k not in entries]
+        layer_costs: dict[str, list[float]] = {}
+        for layer in space.layers:
+            costs = []
+            for op in layer.choices:
+                spec = layer.spec(op)
+                if spec is None:
+                    costs.append(0.0)
+                    continue
+                key = entry_key(spec)
+                if key not in entries:
+                    missing.append(key)
+                    costs.append(0.0)
+                    continue
+                costs.append(scale * float(entries[key]["median_ms"]) + per_block)
+            layer_costs[layer.name] = costs
+        if missing:
+            raise UserError(f"latency table lacks {len(missing)} entries of space {space.name!r} (e.g. "
+                            f"{missing[0]}); rebuild it with `{_rebuild_cmd(space.name, (meta or {}).get('device'))}`")
+        fixed = scale * sum(float(entries[k]["median_ms"]) for k in fixed_parts.values()) + offset
+        m = dict(meta or {})
+        m.update(fixed_parts=dict(fixed_parts), overhead=ov, scale=scale, overhead_ms=offset,
+                 per_block_ms=per_block)
+        return cls(space, layer_costs, fixed, m, {k: dict(v) for k, v in entries.items()})
+
+    def with_overhead(self, overhead: Mapping[str, Any]) -> "LatencyTable":
+        """The same entries under another overhead calibration."""
+        meta = {k: v for k, v in self.meta.items() if k not in ("overhead", "scale", "overhead_ms", "per_block_ms")}
+        return LatencyTable.from_entries(self.space, self.entries, self.meta["fixed_parts"], overhead, meta)
+
+    def block_sum(self, arch: Arch) -> tuple[float, int]:
+        """``(sum of the standalone ms of the net's parts, number of searchable blocks)``."""
+        ms = {k: float(v["median_ms"]) for k, v in self.entries.items()}
+        return arch_features(self.space, arch, ms, list(self.meta["fixed_parts"].values()))
 
     # ------------------------------------------------------------------ file format
     def to_dict(self) -> dict[str, Any]:
-        return {
+        meta = {k: v for k, v in self.meta.items() if k not in _STRUCTURAL}
+        d: dict[str, Any] = {
+            "format": TABLE_FORMAT,
             "version": TABLE_VERSION,
             "space": self.space.name,
             "space_fingerprint": self.space.fingerprint,
-            **self.meta,
-            "entries": self.entries,
-            "layers": self.layer_costs,
-            "fixed_ms": self.fixed,
+            **meta,
         }
+        if "fixed_parts" in self.meta:
+            d["fixed_parts"] = self.meta["fixed_parts"]
+        if "overhead" in self.meta:
+            d["overhead"] = self.meta["overhead"]
+        d.update(entries=self.entries, layers=self.layer_costs, fixed_ms=self.fixed)
+        return d
 
     def save(self, path: str | os.PathLike) -> Path:
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=False))
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=False, default=_json_default))
 
     @classmethod
     def load(cls, path: str | os.PathLike, space: SearchSpace, device_fingerprint: str | None = None,
-             warn=print) -> "LatencyTable":
+             warn: Callable[[str], Any] | None = None) -> "LatencyTable":
+        """Read a table for ``space``.
+
+        Refuses (:class:`UserError` naming the ``nas-lut`` command to rebuild) a file that is not a
+        table, has another format version, or was built for another space or another version of it
+        (space fingerprint). Warns (``warn(message)``; default: a :class:`LatencyTableWarning`) when
+        ``device_fingerprint`` differs from the table's.
+        """
         path = Path(path)
         try:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read latency table {path}: {e}; rebuild it with "
-                            f"`nas-lut space={space.name}`") from None
+                            f"`{_rebuild_cmd(space.name, None)}`") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path} is not a latency table; rebuild it with `{_rebuild_cmd(space.name, None)}`")
+        device = d.get("device")
+        cmd = _rebuild_cmd(space.name, device)
         if d.get("version") != TABLE_VERSION:
-            raise UserError(f"latency table {path} has version {d.get('version')}, this hwnas reads "
-                            f"{TABLE_VERSION}; rebuild it with `nas-lut space={space.name}`")
+            raise UserError(f"latency table {path} has format version {d.get('version')}, this hwnas reads "
+                            f"{TABLE_VERSION}; rebuild it with `{cmd}`")
         if d.get("space") != space.name or d.get("space_fingerprint") != space.fingerprint:
             raise UserError(
                 f"latency table {path} was built for space {d.get('space')!r} (fingerprint "
-                f"{d.get('space_fingerprint')}), not for {space.name!r} ({space.fingerprint}); rebuild it with "
-                f"`nas-lut space={space.name} hardware=<device>` or delete the file")
+                f"{d.get('space_fingerprint')}), not for {space.name!r} (fingerprint {space.fingerprint}); "
+                f"rebuild it with `{cmd}` (or point lut.path at a table of this space)")
         if device_fingerprint and d.get("device_fingerprint") not in (None, device_fingerprint):
-            warn(f"warning: latency table {path} was measured on another device configuration "
-                 f"({d.get('device_fingerprint')}, this machine is {device_fingerprint}); predictions may be off")
-        meta = {k: v for k, v in d.items() if k not in ("version", "space", "space_fingerprint", "entries",
-                                                        "layers", "fixed_ms")}
-        return cls(space, d["layers"], d["fixed_ms"], meta, d.get("entries"))
+            msg = (f"latency table {path} was measured on another device configuration "
+                   f"({d.get('device_fingerprint')}: {_describe_device(d.get('device_info'))}); this machine "
+                   f"is {device_fingerprint}; its predictions are for that device. Rebuild with `{cmd}` to "
+                   f"measure this one")
+            if warn is None:
+                warnings.warn(msg, LatencyTableWarning, stacklevel=2)
+            else:
+                warn(f"warning: {msg}")
+        meta = {k: v for k, v in d.items() if k not in _STRUCTURAL}
+        entries = d.get("entries") or {}
+        if "fixed_parts" in d and "overhead" in d:
+            return cls.from_entries(space, entries, d["fixed_parts"], d["overhead"], meta)
+        try:
+            return cls(space, d["layers"], d["fixed_ms"], meta, entries)
+        except (KeyError, ValueError):
+            raise UserError(f"latency table {path} does not cover space {space.name!r}; rebuild it with "
+                            f"`{cmd}`") from None
+
+
+def _describe_device(info: Any) -> str:
+    if not isinstance(info, Mapping):
+        return "unknown"
+    keys = ("name", "processor", "threads", "batch_size", "dtype", "onnxruntime", "torch")
+    return ", ".join(f"{k}={info[k]}" for k in keys if k in info)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -199,30 +536,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 # ---------------------------------------------------------------------- analytic models
-def _fixed_modules(space: SearchSpace, num_classes: int) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
-    """Stem, first block and head as modules with their input shapes (C, H, W)."""
-    r = space.resolution
-    f = space.first
-    return {
-        f"stem:in{r}x{r}x{space.in_chans}:out{space.stem_chs}": (Stem(space.in_chans, space.stem_chs, space.act),
-                                                             (space.in_chans, r, r)),
-        f.key(): (make_block(f, space.act), (f.in_chs, f.in_size, f.in_size)),
-        f"head:in{space.final_size}x{space.final_size}x{space.last_chs}:f{space.head_chs}:cls{num_classes}": (
-            Head(space.last_chs, space.head_chs, num_classes, space.act),
-            (space.last_chs, space.final_size, space.final_size)),
-    }
-
-
-def _block_items(space: SearchSpace) -> dict[str, BlockSpec]:
-    items: dict[str, BlockSpec] = {}
-    for layer in space.layers:
-        for op in layer.choices:
-            spec = layer.spec(op)
-            if spec is not None:
-                items.setdefault(spec.key(), spec)
-    return items
-
-
 def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs (multiply and add counted separately) of one forward at batch 1."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -233,100 +546,188 @@ def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops())
 
 
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def _analytic(space: SearchSpace, num_classes: int, measure, cls) -> CostModel:
     costs: dict[str, float] = {}
     fixed = sum(measure(m, shape) for m, shape in _fixed_modules(space, num_classes).values())
     for key, spec in _block_items(space).items():
         costs[key] = measure(make_block(spec, space.act), (spec.in_chs, spec.in_size, spec.in_size))
     layer_costs = {
-        layer.name: [0.0 if op == ZERO else costs[layer.spec(op).key()] for op in layer.choices]
+        layer.name: [0.0 if op == ZERO else costs[entry_key(layer.spec(op))] for op in layer.choices]
         for layer in space.layers
     }
-    return cls(space, layer_costs, fixed, {"num_classes": num_classes})
+    return cls(space, layer_costs, fixed, {"num_classes": num_classes, "device": cls.kind})
 
 
 def build_flops_model(space: SearchSpace, num_classes: int) -> FlopsModel:
+    """MFLOPs per candidate (convolutions and the classifier; multiply and add counted separately)."""
     return _analytic(space, num_classes, lambda m, s: count_flops(m, s) / 1e6, FlopsModel)
 
 
 def build_params_model(space: SearchSpace, num_classes: int) -> ParamsModel:
-    return _analytic(space, num_classes, lambda m, s: sum(p.numel() for p in m.parameters()) / 1e6, ParamsModel)
+    """Millions of parameters per candidate (weights and BatchNorm affine parameters)."""
+    return _analytic(space, num_classes, lambda m, s: count_params(m) / 1e6, ParamsModel)
 
 
-# ---------------------------------------------------------------------- latency tables
-def build_latency_table(space: SearchSpace, device, num_classes: int, *, calib_nets: int = 10, seed: int = 0,
-                        progress: bool = True) -> LatencyTable:
-    """Measure every candidate block at its shape, and the fixed parts, on ``device``.
+class AnalyticDevice:
+    """``hardware=flops`` / ``hardware=params``: an exact count instead of a timed device.
 
-    Each item is timed call by call in alternation with the device's fixed reference block (see
-    :mod:`nas.devices`); the table stores the median ms with spread and count. A per-network overhead
-    (what a whole net costs beyond the sum of its blocks: Python dispatch, session calls) is then
-    calibrated as the median difference between end-to-end measurements of ``calib_nets`` subnets
-    (largest, smallest, random) and their block sums, measured in the same alternation.
+    It has the parts of a device an app touches (``name``, ``batch_size``, ``threads``,
+    ``fingerprint()``, ``fingerprint_id()``); :meth:`cost_model` builds the additive model and
+    :func:`measure_archs` counts whole nets (which equals the model's prediction: both are exact).
+    """
+
+    def __init__(self, name: str, threads: int | None = None, batch_size: int = 1, **kw: Any) -> None:
+        if name not in ANALYTIC_NAMES:
+            raise UserError(f"unknown analytic cost model {name!r}; choose one of: {', '.join(ANALYTIC_NAMES)}")
+        unknown = sorted(k for k in kw if not k.startswith("_"))
+        if unknown:
+            raise UserError(f"unknown option(s) {', '.join(unknown)} for hardware '{name}'; allowed: threads")
+        self.name = name
+        self.threads = int(threads) if threads else torch.get_num_threads()
+        self.batch_size = int(batch_size)
+
+    def __repr__(self) -> str:
+        return f"AnalyticDevice(name={self.name!r})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"name": self.name, "analytic": True}
+
+    def fingerprint_id(self) -> str:
+        blob = json.dumps(self.fingerprint(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
+
+    def count(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        if self.name == "flops":
+            return count_flops(module, input_shape) / 1e6
+        return count_params(module) / 1e6
+
+    def cost_model(self, space: SearchSpace, num_classes: int) -> CostModel:
+        if self.name == "flops":
+            return build_flops_model(space, num_classes)
+        return build_params_model(space, num_classes)
+
+
+# ---------------------------------------------------------------------- measuring
+def _measure(device, items: Mapping[str, tuple[nn.Module, tuple[int, ...]]], *, progress: bool, desc: str,
+             rel_ci: float | None, max_repeats: int | None,
+             max_seconds: float | None = None) -> dict[str, dict[str, float]]:
+    kw: dict[str, Any] = {} if rel_ci is None else {"rel_ci": rel_ci, "max_repeats": max_repeats}
+    if max_seconds is not None:
+        kw["max_seconds"] = max_seconds
+    return device.measure(items, progress=progress, desc=desc, **kw)
+
+
+def build_latency_table(space: SearchSpace, device, num_classes: int, *, calib_nets: int = DEFAULT_CALIB_NETS,
+                        seed: int = 0, progress: bool = True, rel_ci: float | None = DEFAULT_REL_CI,
+                        max_repeats: int | None = DEFAULT_MAX_REPEATS,
+                        max_seconds: float | None = DEFAULT_MAX_SECONDS,
+                        overhead_model: str | None = None) -> LatencyTable:
+    """Measure every candidate block at its shape, the fixed parts and ``calib_nets`` whole subnets on
+    ``device`` in ONE pass, and calibrate the overhead model.
+
+    Every item is timed call by call in alternation with the device's fixed reference block (see
+    :mod:`nas.devices`); rounds visit the items in a shuffled order, so blocks and calibration nets
+    interleave and see the same machine states. With ``rel_ci`` the rounds continue for an item
+    until the 95 % confidence interval of its median ratio is within ``+-rel_ci`` (at most
+    ``max_repeats`` calls, and no longer than ``max_seconds`` in all). Entries store the median in
+    table ms, the spread and the count. The
+    calibration nets (largest, smallest, random) then fit :func:`fit_overhead` (or the given
+    ``overhead_model``).
     """
     t0 = time.perf_counter()
-    fixed_items = _fixed_modules(space, num_classes)
-    specs = _block_items(space)
-    items: dict[str, tuple[nn.Module, tuple[int, ...]]] = dict(fixed_items)
-    for key, spec in specs.items():
-        items[key] = (make_block(spec, space.act), (spec.in_chs, spec.in_size, spec.in_size))
-    res = device.measure(items, progress=progress, desc=f"latency table {space.name} on {device.name}")
-    entries = {k: {kk: float(v) for kk, v in res[k].items()} for k in items}
-    layer_costs = {
-        layer.name: [0.0 if op == ZERO else entries[layer.spec(op).key()]["median_ms"] for op in layer.choices]
-        for layer in space.layers
-    }
-    parts = sum(entries[k]["median_ms"] for k in fixed_items)
-    table = LatencyTable(space, layer_costs, parts, {
+    items = table_items(space, num_classes)
+    archs = calibration_archs(space, num_classes, calib_nets, seed)
+    to_measure: dict[str, tuple[nn.Module, tuple[int, ...]]] = {
+        k: (v["module"], v["input_shape"]) for k, v in items.items()}
+    for i, arch in enumerate(archs):
+        to_measure[f"calib:{i}"] = arch_net(space, arch)
+    res = _measure(device, to_measure, progress=progress, desc=f"latency table {space.name} on {device.name}",
+                   rel_ci=rel_ci, max_repeats=max_repeats, max_seconds=max_seconds)
+    ref = res["__reference__"]
+    entries = {k: {**{kk: float(vv) for kk, vv in res[k].items()}, "role": v["role"], "fields": v["fields"]}
+               for k, v in items.items()}
+    calib = [float(res[f"calib:{i}"]["median_ms"]) for i in range(len(archs))]
+    meta = {
         "device": device.name,
         "device_fingerprint": device.fingerprint_id(),
         "device_info": device.fingerprint(),
         "num_classes": num_classes,
-        "reference_ms": float(res["__reference__"]["median_ms"]),
-        "overhead_ms": 0.0,
+        "batch_size": device.batch_size,
+        "reference_ms": float(ref["median_ms"]),
+        "reference": {k: float(v) for k, v in ref.items()},
+        "method": measurement_method(device, rel_ci, max_repeats, max_seconds),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, entries)
-    if calib_nets > 0:
-        rng = random.Random(seed)
-        archs = [space.largest(num_classes), space.smallest(num_classes)]
-        archs += [space.sample(num_classes, rng) for _ in range(max(0, calib_nets - 2))]
-        measured = measure_archs(space, archs, device, reference_ms=table.meta["reference_ms"],
-                                 progress=progress, desc="calibrating overhead")
-        scale, offset = fit_scale_offset([table.predict(a) for a in archs], measured)
-        table.layer_costs = {k: [c * scale for c in v] for k, v in table.layer_costs.items()}
-        table.fixed = table.fixed * scale + offset
-        table.meta.update(scale=scale, overhead_ms=offset, calibration_nets=len(archs))
+    }
+    table = table_from_measurements(space, entries, _fixed_keys(items), archs, calib, meta,
+                                    overhead_model=overhead_model)
     table.meta["build_seconds"] = round(time.perf_counter() - t0, 2)
     return table
 
 
-def fit_scale_offset(predicted: list[float], measured: list[float]) -> tuple[float, float]:
-    """Least-squares ``measured ~ scale * predicted + offset``: a whole net runs its blocks back to
-    back, so it costs a fraction of the blocks' standalone sum (shared per-call overhead, warm
-    caches) plus a per-network constant. Falls back to a pure offset when the fit is degenerate."""
-    n = len(predicted)
-    mp, mm = sum(predicted) / n, sum(measured) / n
-    var = sum((p - mp) ** 2 for p in predicted)
-    if n < 2 or var <= 1e-12:
-        return 1.0, statistics.median(m - p for p, m in zip(predicted, measured))
-    scale = sum((p - mp) * (m - mm) for p, m in zip(predicted, measured)) / var
-    if not 0.2 <= scale <= 5.0:  # implausible: keep the sum and fit the constant only
-        return 1.0, statistics.median(m - p for p, m in zip(predicted, measured))
-    return scale, mm - scale * mp
+def _fixed_keys(items: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    return {v["role"]: k for k, v in items.items() if v["role"] != "block"}
+
+
+def table_from_measurements(space: SearchSpace, entries: Mapping[str, Mapping[str, Any]],
+                            fixed_parts: Mapping[str, str], calib_archs: Sequence[Arch],
+                            calib_ms: Sequence[float], meta: Mapping[str, Any], *,
+                            overhead_model: str | None = None) -> LatencyTable:
+    """A table from measured entries (table ms) and calibration nets measured in the same pass."""
+    ms = {k: float(v["median_ms"]) for k, v in entries.items()}
+    feats = [arch_features(space, a, ms, list(fixed_parts.values())) for a in calib_archs]
+    sums, blocks = [f[0] for f in feats], [f[1] for f in feats]
+    overhead = fit_overhead(sums, blocks, calib_ms)
+    if overhead_model and overhead_model != overhead["model"]:
+        if overhead_model not in OVERHEAD_MODELS:
+            raise UserError(f"overhead model {overhead_model!r} is unknown; choose one of: {', '.join(OVERHEAD_MODELS)}")
+        forced = _fit(overhead_model, *(np.asarray(v, float) for v in (sums, blocks, calib_ms)))
+        if forced is None:
+            raise UserError(f"overhead model {overhead_model!r} cannot be fitted on {len(calib_ms)} calibration nets")
+        overhead.update(forced, model=overhead_model)
+    overhead["calibration"] = [
+        {"choices": dict(a.choices), "sum_ms": s, "blocks": b, "measured_ms": m}
+        for a, s, b, m in zip(calib_archs, sums, blocks, calib_ms)]
+    return LatencyTable.from_entries(space, entries, fixed_parts, overhead, meta)
+
+
+def measurement_method(device, rel_ci: float | None, max_repeats: int | None,
+                       max_seconds: float | None = None) -> dict[str, Any]:
+    """How a table's numbers were measured (stored in the table)."""
+    return {
+        "statistic": "median of per-call ratios t_item / mean(t_ref_before, t_ref_after), times the "
+                     "reference's median ms of the table pass",
+        "reference": "nas.devices.reference_module (conv3x3 16->32->16 + BN + ReLU6 on 16x16x16)",
+        "warmup": getattr(device, "warmup", None),
+        "repeats": getattr(device, "repeats", None),
+        "rel_ci": rel_ci,
+        "max_repeats": max_repeats,
+        "max_seconds": max_seconds,
+        "preempted_calls": "left out (adaptive mode, involuntary context switch during the call)",
+        "threads": getattr(device, "threads", None),
+        "batch_size": getattr(device, "batch_size", None),
+        "order": "shuffled rounds, one reference call between every two item calls",
+    }
 
 
 def measure_archs(space: SearchSpace, archs: list[Arch], device, *, reference_ms: float | None = None,
-                  progress: bool = False, desc: str = "measuring subnets") -> list[float]:
+                  progress: bool = False, desc: str = "measuring subnets", rel_ci: float | None = None,
+                  max_repeats: int | None = None, max_seconds: float | None = None) -> list[float]:
     """End-to-end latency (ms) of each architecture's static net, in reference alternation.
 
     With ``reference_ms`` (a table's reference time) the result is the measured ratio to the
     reference times that value: in the table's own units, immune to the machine's speed drifting
-    between the table's pass and this one."""
-    items = {}
-    for i, a in enumerate(archs):
-        net = space_timm_net(space, a, a.num_classes).eval()
-        items[f"net{i}"] = (net, (space.in_chans, space.resolution, space.resolution))
-    res = device.measure(items, progress=progress, desc=desc)
+    between the table's pass and this one. With ``rel_ci`` the measurement is adaptive (see
+    :meth:`nas.devices.Device.measure`). On an :class:`AnalyticDevice` the nets are counted.
+    """
+    if isinstance(device, AnalyticDevice):
+        return [device.count(*arch_net(space, a)) for a in archs]
+    items = {f"net{i}": arch_net(space, a) for i, a in enumerate(archs)}
+    res = _measure(device, items, progress=progress, desc=desc, rel_ci=rel_ci, max_repeats=max_repeats,
+                   max_seconds=max_seconds)
     if reference_ms is not None:
         return [float(res[f"net{i}"]["ratio"]) * reference_ms for i in range(len(archs))]
     return [float(res[f"net{i}"]["median_ms"]) for i in range(len(archs))]
@@ -338,14 +739,35 @@ def table_path(cache_dir: str | os.PathLike, space: SearchSpace, device, num_cla
 
 
 def load_or_build_table(space: SearchSpace, device, num_classes: int, cache_dir: str | os.PathLike,
-                        *, rebuild: bool = False, progress: bool = True, log=print) -> LatencyTable:
-    """The cached table for (space, device, classes), built (with a progress bar) when missing."""
+                        *, rebuild: bool = False, progress: bool = True, log=print,
+                        validate_samples: int = 20) -> LatencyTable:
+    """The cached table for (space, device, classes), built (with a progress bar) when missing.
+
+    A freshly built table is validated on ``validate_samples`` random subnets (plus the largest and
+    smallest; 0 skips it) so that the search reports how far to trust it; ``nas-lut`` validates
+    with more. A cached file of an older format is rebuilt.
+    """
     path = table_path(cache_dir, space, device, num_classes)
     if path.exists() and not rebuild:
-        return LatencyTable.load(path, space, device.fingerprint_id(), warn=log)
+        try:
+            version = json.loads(path.read_text()).get("version")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            version = None
+        if version == TABLE_VERSION:
+            return LatencyTable.load(path, space, device.fingerprint_id(), warn=log)
+        log(f"cached latency table {path} has format version {version}; rebuilding it")
     log(f"building latency table for space {space.name} on {device.name} -> {path}")
     table = build_latency_table(space, device, num_classes, progress=progress)
-    table.save(path)
     log(f"latency table built in {table.meta['build_seconds']:.1f} s: {len(table.entries)} entries, "
-        f"scale {table.meta.get('scale', 1.0):.3f}, overhead {table.meta['overhead_ms']:+.3f} ms, range {table.bounds()[0]:.3f}-{table.bounds()[1]:.3f} ms")
+        f"overhead model {table.meta['overhead']['model']} (scale {table.meta['scale']:.3f}, "
+        f"{table.meta['per_block_ms']:+.4f} ms/block, {table.meta['overhead_ms']:+.3f} ms), "
+        f"range {table.bounds()[0]:.3f}-{table.bounds()[1]:.3f} ms")
+    if validate_samples > 0:
+        from .lut_validate import validate_table
+
+        report = validate_table(table, device, samples=validate_samples, retest=False, progress=progress)
+        s = report["summary"]
+        log(f"validated on {s['n']} subnets: {100 * s['within_10pct']:.0f}% within +-10%, "
+            f"Spearman {s['spearman']:.3f}, RMSE {s['rmse_pct']:.1f}%")
+    table.save(path)
     return table

@@ -20,6 +20,14 @@ How :meth:`Device.measure` works
     4. An item's latency is its median ratio (in "reference units") times the reference's own
        median time in the same session. The spread is the interquartile range over the median of
        the per-call estimates ``ratio_i * reference_ms``.
+    5. Adaptive mode (``rel_ci=...``, what latency tables use): after those rounds, further rounds
+       over the items whose median is not yet known to ``+-rel_ci`` (distribution-free 95 %
+       confidence interval, :func:`median_ci`) until it is, or ``max_repeats`` calls, or
+       ``max_seconds``. Calls during which the process was preempted (``getrusage`` reports an
+       involuntary context switch of any of its threads) are left out, as long as at least
+       ``MIN_CLEAN_SAMPLES`` clean ones remain: on a loaded machine they hold another process's
+       work (tens to hundreds of ms with 2 threads on 2 busy cores), not the item's. If only one
+       neighbouring reference call is clean, the ratio uses that one.
 
 The fixed per-call overhead of a runtime (e.g. one ``InferenceSession.run``) is measured as part of
 what the runner does and is *not* corrected here; the latency table calibrates an overhead term.
@@ -39,6 +47,7 @@ import copy
 import gc
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -64,6 +73,7 @@ __all__ = [
     "CudaDevice",
     "reference_module",
     "build_device",
+    "median_ci",
 ]
 
 #: Names accepted by :func:`build_device`, one per file in ``conf/hardware/``.
@@ -150,6 +160,47 @@ def _robust_stats(values: list[float]) -> tuple[float, float]:
     return float(median), spread
 
 
+def _involuntary_switches() -> int | None:
+    """Involuntary context switches of this process so far (all threads), or None where unknown."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+#: Fewest clean (not preempted) samples an item needs before the preempted ones are left out.
+MIN_CLEAN_SAMPLES = 8
+
+#: Rounds every item gets even when ``max_seconds`` has run out.
+MIN_ROUNDS = 5
+
+
+def _usable(values: list[float], clean: list[bool]) -> list[float]:
+    """The clean samples when there are enough of them, else all (a heavily loaded machine)."""
+    kept = [v for v, ok in zip(values, clean) if ok]
+    return kept if len(kept) >= MIN_CLEAN_SAMPLES else values
+
+
+def median_ci(values: list[float], z: float = 1.96) -> float:
+    """Relative half-width of the distribution-free confidence interval of the median of ``values``.
+
+    The interval runs between the order statistics ``n/2 -+ z*sqrt(n)/2`` (binomial normal
+    approximation; ``z = 1.96`` gives about 95 %), divided by twice the median. ``inf`` for fewer than
+    6 values, where the interval is not defined.
+    """
+    n = len(values)
+    if n < 6:
+        return float("inf")
+    ordered = sorted(values)
+    half = z * math.sqrt(n) / 2.0
+    lo = max(0, int(math.floor(n / 2.0 - half)))
+    hi = min(n - 1, int(math.ceil(n / 2.0 + half)))
+    median = float(np.median(ordered))
+    return float((ordered[hi] - ordered[lo]) / (2.0 * median)) if median > 0 else float("inf")
+
+
 class Device(abc.ABC):
     """A target to time modules on. Subclasses compile a module into a zero-argument callable.
 
@@ -167,6 +218,9 @@ class Device(abc.ABC):
 
     #: Device-specific keyword options a subclass accepts, with their defaults.
     extra_options: dict[str, Any] = {}
+
+    #: Whether calls are timed with the host clock (so a preemption of the process inflates them).
+    host_timed: bool = True
 
     def __init__(
         self,
@@ -300,6 +354,10 @@ class Device(abc.ABC):
         reference: tuple[nn.Module, tuple[int, ...]] | None = None,
         progress: bool = False,
         desc: str = "measuring",
+        *,
+        rel_ci: float | None = None,
+        max_repeats: int | None = None,
+        max_seconds: float | None = None,
     ) -> dict[str, dict[str, float | int]]:
         """Time every item in alternation with a reference module (see the module docstring).
 
@@ -308,27 +366,72 @@ class Device(abc.ABC):
             reference: ``(module, input_shape)``; default :func:`reference_module`.
             progress: show a transient rich progress bar over items x rounds.
             desc: label of the progress bar.
+            rel_ci: adaptive mode. After ``repeats`` rounds, further rounds (over the items still
+                short of it only) continue until the distribution-free 95 % confidence interval of
+                each item's median ratio is within ``+-rel_ci`` of the median, or the item has
+                ``max_repeats`` calls. Items then carry ``"ci"`` (the achieved relative half-width)
+                and their own ``count``.
+            max_repeats: cap of the adaptive mode (default ``4 * repeats``).
+            max_seconds: time budget of the whole measurement: no round starts after it (but every
+                item gets at least ``MIN_ROUNDS`` calls).
 
         Returns:
             ``{name: {"median_ms", "ratio", "spread", "count"}}`` for every item, where ``ratio``
             is the median of ``t_item / mean(t_ref_before, t_ref_after)``, ``median_ms`` is
             ``ratio`` times the reference's median ms of this session, ``spread`` is IQR/median of
-            the per-call ms estimates and ``count`` is ``repeats``; plus
+            the per-call ms estimates and ``count`` is ``repeats`` (adaptive mode: the number of
+            calls the item got); plus
             ``"__reference__": {"median_ms", "spread", "count"}`` for the reference's own calls.
         """
         if REFERENCE_KEY in items:
             raise ValueError(f"item name {REFERENCE_KEY!r} is reserved for the reference")
+        if rel_ci is not None and not rel_ci > 0:
+            raise ValueError(f"rel_ci must be positive, got {rel_ci!r}")
         ref_module, ref_shape = reference if reference is not None else reference_module()
         names = list(items)
         ref_call = self._compile(ref_module, tuple(ref_shape))
         calls = {n: self._compile(items[n][0], tuple(items[n][1])) for n in names}
 
+        adaptive = rel_ci is not None
+        cap = max(self.repeats, int(max_repeats) if max_repeats is not None else 4 * self.repeats)
+        # In adaptive mode a call during which the process was preempted (an involuntary context
+        # switch of any of its threads) is not used: its time includes another process's work.
+        watch = adaptive and self.host_timed and _involuntary_switches() is not None
+
         ref_ns: list[float] = []
+        ref_clean: list[bool] = []
         ratios: dict[str, list[float]] = {n: [] for n in names}
+        clean: dict[str, list[bool]] = {n: [] for n in names}
         order_rng = random.Random(self.seed)
+        state = {"ref_before": 0.0, "ref_before_clean": True}
+
+        def timed(call: Callable[[], Any]) -> tuple[float, bool]:
+            if not watch:
+                return self._time_ns(call), True
+            before = _involuntary_switches()
+            t = self._time_ns(call)
+            return t, _involuntary_switches() == before
+
+        def step(n: str) -> None:
+            t_item, item_ok = timed(calls[n])
+            ref_after, ref_ok = timed(ref_call)
+            ref_ns.append(ref_after)
+            ref_clean.append(ref_ok)
+            ref_before, before_ok = state["ref_before"], state["ref_before_clean"]
+            if watch and before_ok != ref_ok:  # one neighbour was preempted: compare with the other
+                denominator = ref_after if ref_ok else ref_before
+            else:
+                denominator = 0.5 * (ref_before + ref_after)
+            ratios[n].append(t_item / denominator)
+            clean[n].append(item_ok and (ref_ok or before_ok))
+            state["ref_before"], state["ref_before_clean"] = ref_after, ref_ok
+
+        def usable(n: str) -> list[float]:
+            return _usable(ratios[n], clean[n]) if watch else ratios[n]
 
         progress_cm = contextlib.nullcontext() if not progress else self._progress_bar()
         gc_was_enabled = gc.isenabled()
+        t_start = time.perf_counter()
         with progress_cm as bar:
             task = bar.add_task(desc, total=self.repeats * len(names)) if bar is not None else None
             try:
@@ -339,37 +442,58 @@ class Device(abc.ABC):
                 for n in names:
                     for _ in range(self.warmup):
                         calls[n]()
-                ref_before = self._time_ns(ref_call)
-                ref_ns.append(ref_before)
-                for _ in range(self.repeats):
+                state["ref_before"], state["ref_before_clean"] = timed(ref_call)
+                ref_ns.append(state["ref_before"])
+                ref_clean.append(state["ref_before_clean"])
+                for round_index in range(self.repeats):
+                    if (max_seconds is not None and round_index >= MIN_ROUNDS
+                            and time.perf_counter() - t_start > max_seconds):
+                        break
                     order = names.copy()
                     order_rng.shuffle(order)
                     for n in order:
-                        t_item = self._time_ns(calls[n])
-                        ref_after = self._time_ns(ref_call)
-                        ref_ns.append(ref_after)
-                        ratios[n].append(t_item / (0.5 * (ref_before + ref_after)))
-                        ref_before = ref_after
+                        step(n)
                         if bar is not None:
                             bar.advance(task)
                     if not names:  # nothing to compare: still give the reference its repeats
                         ref_ns.append(self._time_ns(ref_call))
+                        ref_clean.append(True)
+                while adaptive and names:
+                    if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                        break
+                    pending = [n for n in names if len(ratios[n]) < cap and median_ci(usable(n)) > rel_ci]
+                    if not pending:
+                        break
+                    if bar is not None:
+                        bar.update(task, total=bar.tasks[0].total + len(pending))
+                    order_rng.shuffle(pending)
+                    for n in pending:
+                        step(n)
+                        if bar is not None:
+                            bar.advance(task)
             finally:
                 if gc_was_enabled:
                     gc.enable()
 
-        ref_median_ns, ref_spread = _robust_stats(ref_ns)
+        ref_values = _usable(ref_ns, ref_clean) if watch else ref_ns
+        ref_median_ns, ref_spread = _robust_stats(ref_values)
         ref_ms = ref_median_ns / 1e6
         result: dict[str, dict[str, float | int]] = {}
         for n in names:
-            ratio, spread = _robust_stats(ratios[n])
+            values = usable(n)
+            ratio, spread = _robust_stats(values)
             result[n] = {
                 "median_ms": ratio * ref_ms,
                 "ratio": ratio,
                 "spread": spread,
-                "count": len(ratios[n]),
+                "count": len(values),
             }
-        result[REFERENCE_KEY] = {"median_ms": ref_ms, "spread": ref_spread, "count": len(ref_ns)}
+            if adaptive:
+                result[n]["ci"] = median_ci(values)
+                result[n]["calls"] = len(ratios[n])
+        result[REFERENCE_KEY] = {"median_ms": ref_ms, "spread": ref_spread, "count": len(ref_values)}
+        if adaptive:
+            result[REFERENCE_KEY]["calls"] = len(ref_ns)
         return result
 
     @staticmethod
@@ -484,6 +608,7 @@ class CudaDevice(Device):
     """
 
     extra_options = {"device_index": 0}
+    host_timed = False
 
     def __init__(self, name: str = "cuda", **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
