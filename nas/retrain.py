@@ -6,6 +6,9 @@
 
 Writes checkpoints, ``model/`` (an export-format folder: arch.yaml, model.safetensors, model.onnx)
 and ``retrain_report.json`` with ``test_acc``. Returns the test accuracy.
+
+Everything a user can get wrong (``init``, ``epochs``, the ``arch`` folder and its fit to the search
+space) is checked before torch, Lightning and timm are imported, so such a mistake is reported at once.
 """
 from __future__ import annotations
 
@@ -13,72 +16,100 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import pytorch_lightning as pl
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import CONF_DIR, instantiate, make_logger, progress_callbacks, trainer_kwargs, user_errors
+from .cli import (CONF_DIR, check_epochs, check_progress, hydra_entry, instantiate, make_logger, progress_callbacks,
+                  trainer_kwargs, user_errors)
 from .errors import UserError
 
+if TYPE_CHECKING:
+    import torch.nn as nn
+
 INITS = ("scratch", "inherited")
+ARCH_FILE = "arch.yaml"  # as nas.export.ARCH_FILE (not imported from there: it imports torch and timm)
+
+_RETRAIN_MODULE = None
 
 
-class RetrainModule(pl.LightningModule):
-    def __init__(self, net: nn.Module, *, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 4e-5,
-                 label_smoothing: float = 0.1, teacher: nn.Module | None = None, kd_alpha: float = 0.5,
-                 kd_temperature: float = 4.0):
-        super().__init__()
-        self.net = net
-        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
-        self.opt_args = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
-        self.label_smoothing = label_smoothing
-        self.kd_alpha, self.kd_t = kd_alpha, kd_temperature
+def _retrain_module_class():
+    """``RetrainModule`` (a LightningModule), defined on first use so that importing this module stays
+    light; ``nas.retrain.RetrainModule`` works as for a class defined at the top."""
+    global _RETRAIN_MODULE
+    if _RETRAIN_MODULE is None:
+        _RETRAIN_MODULE = _define_retrain_module()
+    return _RETRAIN_MODULE
 
-    def forward(self, x):
-        return self.net(x)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the teacher's BatchNorm statistics stay fixed
-        return self
+def __getattr__(name: str):
+    if name == "RetrainModule":
+        return _retrain_module_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_logits = self.teacher(x)
-            t = self.kd_t
-            kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(t_logits / t, 1), log_target=True,
-                          reduction="batchmean") * t * t
-            loss = (1 - self.kd_alpha) * loss + self.kd_alpha * kd
-            self.log("train/kd", kd, on_epoch=True, on_step=False, batch_size=len(y))
-        self.log("train/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(y))
-        return loss
 
-    def _eval(self, batch, prefix):
-        x, y = batch
-        logits = self.net(x)
-        self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True,
-                 batch_size=len(y), sync_dist=True)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+def _define_retrain_module():
+    import pytorch_lightning as pl
+    import torch
+    import torch.nn.functional as F
 
-    def validation_step(self, batch, batch_idx):
-        self._eval(batch, "val")
+    class RetrainModule(pl.LightningModule):
+        def __init__(self, net: nn.Module, *, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 4e-5,
+                     label_smoothing: float = 0.1, teacher: nn.Module | None = None, kd_alpha: float = 0.5,
+                     kd_temperature: float = 4.0):
+            super().__init__()
+            self.net = net
+            self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+            self.opt_args = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+            self.label_smoothing = label_smoothing
+            self.kd_alpha, self.kd_t = kd_alpha, kd_temperature
 
-    def test_step(self, batch, batch_idx):
-        self._eval(batch, "test")
+        def forward(self, x):
+            return self.net(x)
 
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.net.parameters(), **self.opt_args)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
-        return [opt], [sched]
+        def train(self, mode: bool = True):
+            super().train(mode)
+            if self.teacher is not None:
+                self.teacher.eval()  # the teacher's BatchNorm statistics stay fixed
+            return self
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+                t = self.kd_t
+                kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(t_logits / t, 1), log_target=True,
+                              reduction="batchmean") * t * t
+                loss = (1 - self.kd_alpha) * loss + self.kd_alpha * kd
+                self.log("train/kd", kd, on_epoch=True, on_step=False, batch_size=len(y))
+            self.log("train/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(y))
+            return loss
+
+        def _eval(self, batch, prefix):
+            x, y = batch
+            logits = self.net(x)
+            self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True,
+                     batch_size=len(y), sync_dist=True)
+            self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+
+        def validation_step(self, batch, batch_idx):
+            self._eval(batch, "val")
+
+        def test_step(self, batch, batch_idx):
+            self._eval(batch, "test")
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.net.parameters(), **self.opt_args)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
+            return [opt], [sched]
+
+    RetrainModule.__qualname__ = "RetrainModule"
+    RetrainModule.__module__ = __name__
+    return RetrainModule
 
 
 def load_teacher(path: str | Path) -> nn.Module:
@@ -95,26 +126,125 @@ def load_teacher(path: str | Path) -> nn.Module:
     return load_subnet(p)
 
 
+def _space_config(export_dir: Path, arch) -> tuple[dict, str]:
+    """The description of the space ``arch`` was searched in, and where it came from.
+
+    The search run's own config (``<run>/.hydra/config.yaml`` next to the export) when it describes
+    the very space of the export (same fingerprint: e.g. searched with ``space.*`` overrides), else
+    ``conf/space/<space>.yaml``.
+    """
+    from supernets.space import SearchSpace
+
+    for run_cfg in (export_dir.parent / ".hydra" / "config.yaml", export_dir.parent.parent / ".hydra" / "config.yaml"):
+        if not arch.fingerprint or not run_cfg.is_file():
+            continue
+        try:
+            d = OmegaConf.to_container(OmegaConf.load(run_cfg).space, resolve=True)
+            if SearchSpace.from_dict(d).fingerprint == arch.fingerprint:
+                return d, str(run_cfg)
+        except Exception:  # noqa: BLE001 - not a search run's config: fall back to conf/space
+            continue
+    space_dir = Path(CONF_DIR) / "space"
+    space_file = space_dir / f"{arch.space}.yaml"
+    if not space_file.is_file():
+        known = sorted(p.stem for p in space_dir.glob("*.yaml"))
+        raise UserError(f"{export_dir / 'arch.yaml'}: space {arch.space!r} is unknown; the spaces are: "
+                        f"{', '.join(known)} (conf/space/<name>.yaml)")
+    try:
+        return OmegaConf.to_container(OmegaConf.load(space_file), resolve=True), str(space_file)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{space_file}: cannot be read ({e})") from None
+
+
+def _read_arch_file(export_dir: Path):
+    """``(Arch, raw mapping)`` of ``<export_dir>/arch.yaml`` (as ``nas.export.read_arch_file``, without
+    importing torch)."""
+    import yaml
+
+    from supernets.arch import Arch, ArchError
+
+    path = export_dir / ARCH_FILE
+    if not path.is_file():
+        raise UserError(f"no architecture file at {path}; pass an export folder written by nas-search "
+                        f"(it holds {ARCH_FILE}), e.g. arch=outputs/search/<date>/<time>/export")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return Arch.from_dict(raw), raw
+    except (ArchError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def check_arch_file(export_dir: Path) -> tuple[Any, dict]:
+    """The export's :class:`Arch` and its file's mapping, refused with a clear message unless it fits
+    its search space: every decision present with an allowed choice, and ``arch_def`` / ``timm`` (what
+    the network is built from) equal to what the space makes of those choices (a hand-edited file may
+    disagree)."""
+    from supernets.arch import ArchError
+    from supernets.space import SearchSpace, SpaceError
+
+    arch_file = export_dir / ARCH_FILE
+    arch, raw = _read_arch_file(export_dir)
+    space_dict, source = _space_config(export_dir, arch)
+    try:
+        space = SearchSpace.from_dict(space_dict)
+    except SpaceError as e:
+        raise UserError(f"{source}: {e}") from None
+    try:
+        space.validate(arch)
+    except ArchError as e:
+        raise UserError(f"{arch_file}: {e}") from None
+    expected = space.arch_def(arch)
+    found = raw.get("arch_def")
+    if found != expected:
+        where = ""
+        if isinstance(found, list):
+            bad = [i for i in range(max(len(found), len(expected)))
+                   if i >= len(found) or i >= len(expected) or found[i] != expected[i]]
+            i = bad[0]
+            where = (f" (stage {i}: the file has {found[i] if i < len(found) else 'nothing'}, the choices give "
+                     f"{expected[i] if i < len(expected) else 'nothing'})")
+        raise UserError(f"{arch_file}: arch_def does not match its choices in space {space.name!r}{where}; the "
+                        f"network is built from arch_def, so edit both together, or re-export with nas-search")
+    # as nas.export.timm_kwargs(space)
+    timm = {"stem_size": space.stem_chs, "num_features": space.head_chs, "act_layer": space.act,
+            "in_chans": space.in_chans}
+    if raw.get("timm") != timm:
+        raise UserError(f"{arch_file}: timm {raw.get('timm')} does not match space {space.name!r} "
+                        f"({timm}); re-export it with nas-search")
+    return arch, raw
+
+
 def run_retrain(cfg: DictConfig) -> float:
-    from supernets.bn import calibrate_bn
-
-    from .export import (ARCH_FILE, build_from_arch_file, count_model_flops, count_params, evaluate, load_subnet,
-                         write_export)
-
     t0 = time.perf_counter()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     # ---- checks before any training
     if cfg.init not in INITS:
         raise UserError(f"init={cfg.init!r} unknown; choose one of: {', '.join(INITS)}")
+    if OmegaConf.is_missing(cfg, "arch") or not str(cfg.arch).strip():
+        raise UserError("arch is required: pass the export folder of a search, e.g. "
+                        "`nas-retrain arch=outputs/search/<date>/<time>/export`")
+    epochs = check_epochs(cfg.epochs, "epochs")
+    check_progress(cfg.get("progress", "rich"))
     export_dir = Path(str(cfg.arch)).expanduser()
     if not export_dir.exists():
         raise UserError(f"arch={export_dir} does not exist; pass the export folder of a search, e.g. "
                         f"`nas-retrain arch=outputs/search/<date>/<time>/export`")
+    if not export_dir.is_dir():
+        raise UserError(f"arch={export_dir} is not a folder; pass the export folder of a search (it holds "
+                        f"arch.yaml and model.safetensors)")
+    arch, raw = check_arch_file(export_dir)
+    in_chans = int(raw["timm"].get("in_chans", 3))
+
+    # ---- checks that need torch
+    import pytorch_lightning as pl
+    import torch
+
+    from .export import build_from_arch_file, count_model_flops, count_params, evaluate, load_subnet
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.init == "inherited":
         net = load_subnet(export_dir)
-        _, arch = build_from_arch_file(export_dir)
     else:
-        net, arch = build_from_arch_file(export_dir)
+        net, _ = build_from_arch_file(export_dir)
     OmegaConf.update(cfg, "space.resolution", arch.resolution, force_add=True)
     datamodule = instantiate(cfg.data)
     if datamodule.num_classes != arch.num_classes:
@@ -123,15 +253,15 @@ def run_retrain(cfg: DictConfig) -> float:
     teacher = load_teacher(cfg.teacher) if cfg.get("teacher") else None
     if teacher is not None:
         with torch.no_grad():
-            x = torch.zeros(1, 3, arch.resolution, arch.resolution)
+            x = torch.zeros(1, in_chans, arch.resolution, arch.resolution)
             if teacher(x).shape[-1] != arch.num_classes:
                 raise UserError(f"teacher={cfg.teacher} predicts {teacher(x).shape[-1]} classes, the student "
                                 f"{arch.num_classes}")
 
     out_dir = Path(cfg.out_dir)
-    module = RetrainModule(net, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                           label_smoothing=cfg.optim.label_smoothing, teacher=teacher, kd_alpha=cfg.kd.alpha,
-                           kd_temperature=cfg.kd.temperature)
+    module = _retrain_module_class()(net, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                     weight_decay=cfg.optim.weight_decay, label_smoothing=cfg.optim.label_smoothing,
+                                     teacher=teacher, kd_alpha=cfg.kd.alpha, kd_temperature=cfg.kd.temperature)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True,
                                         monitor="val/acc", mode="max", save_top_k=1)
     trainer = pl.Trainer(**trainer_kwargs(cfg), logger=make_logger(cfg.get("logger")),
@@ -142,43 +272,45 @@ def run_retrain(cfg: DictConfig) -> float:
     net = module.net.cpu().eval()
     val_acc = evaluate(net, datamodule.val_dataloader())
     test_acc = evaluate(net, datamodule.test_dataloader())
-    from supernets.space import SearchSpace  # noqa: F401  (the export is self-describing)
-
     report = {
         "arch_dir": str(export_dir),
         "arch": dict(arch.choices),
         "init": cfg.init,
         "teacher": str(cfg.teacher) if cfg.get("teacher") else None,
-        "epochs": int(cfg.epochs),
+        "epochs": epochs,
         "data": datamodule.describe(),
         "val_acc": val_acc,
         "test_acc": test_acc,
         "params": count_params(net),
-        "flops": count_model_flops(net, (3, arch.resolution, arch.resolution)),
+        "flops": count_model_flops(net, (in_chans, arch.resolution, arch.resolution)),
         "seconds": time.perf_counter() - t0,
         "checkpoint": ckpt.best_model_path or ckpt.last_model_path,
     }
-    _write_model_folder(out_dir / "model", export_dir, net, arch, report)
+    _write_model_folder(out_dir / "model", export_dir, net, arch, in_chans)
     (out_dir / "retrain_report.json").write_text(json.dumps(report, indent=2))
-    print(f"retrained {export_dir} ({cfg.init}, {cfg.epochs} epochs) in {report['seconds']:.0f} s: "
-          f"test acc {100 * test_acc:.2f}%, val acc {100 * val_acc:.2f}% -> {out_dir}")
+    print(f"retrained {export_dir} ({cfg.init}" + (f", teacher {cfg.teacher}" if cfg.get("teacher") else "")
+          + f", {epochs} epoch{'s' if epochs != 1 else ''}) in {report['seconds']:.0f} s: "
+          f"test acc {100 * test_acc:.2f}%, val acc {100 * val_acc:.2f}%\n"
+          f"model: {out_dir / 'model'}\nreport: {out_dir / 'retrain_report.json'}")
     return float(test_acc)
 
 
-def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, report: dict) -> None:
+def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_chans: int = 3) -> None:
     """The retrained net in the export format (loadable by ``load_subnet``, usable as a teacher)."""
     import tempfile
 
+    import torch
     from safetensors.torch import save_file
 
-    from .export import ARCH_FILE, ONNX_FILE, WEIGHTS_FILE
+    from .export import ONNX_FILE, WEIGHTS_FILE
     from .onnx_utils import export_onnx
 
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".model.tmp-"))
     try:
         shutil.copy(export_dir / ARCH_FILE, tmp / ARCH_FILE)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
-        export_onnx(net, torch.zeros(1, 3, arch.resolution, arch.resolution), str(tmp / ONNX_FILE), dynamic_batch=True)
+        export_onnx(net, torch.zeros(1, in_chans, arch.resolution, arch.resolution), str(tmp / ONNX_FILE),
+                    dynamic_batch=True)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
@@ -189,8 +321,11 @@ def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, repor
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
 @user_errors
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     return run_retrain(cfg)
+
+
+main = hydra_entry(_hydra_main)
 
 
 if __name__ == "__main__":

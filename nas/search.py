@@ -15,8 +15,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .cli import (CONF_DIR, instantiate, make_cost_model, make_device, make_logger, make_space,
-                  progress_callbacks, trainer_kwargs, user_errors)
+from .cli import (CONF_DIR, check_epochs, check_progress, hydra_entry, instantiate, make_cost_model, make_device,
+                  make_logger, make_space, progress_callbacks, trainer_kwargs, user_errors)
 
 
 def export_arch(label: str, arch, *, module, space, datamodule, device, cost_model, out_dir: Path,
@@ -71,20 +71,30 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
     return report
 
 
-def print_summary(reports: list[dict[str, Any]], total_seconds: float) -> None:
+def print_summary(reports: list[dict[str, Any]], total_seconds: float, unit: str = "ms",
+                  kind: str = "latency") -> None:
+    """One row per export, then each export's folder on a line of its own (copyable, never wrapped
+    inside a table cell) and the command that retrains it."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    if not console.is_terminal:  # piped or logged: no terminal width to fit, do not squeeze to 80
+        console = Console(width=160)
     table = Table(title=f"hwnas search: done in {total_seconds:.0f} s")
-    for col in ("export", "architecture", "latency pred / meas (ms)", "target", "params", "MFLOPs", "val acc"):
+    for col in ("export", "architecture", f"{kind} pred / meas ({unit})", "target", "params", "MFLOPs", "val acc"):
         table.add_column(col)
     for r in reports:
         lat = r["latency_ms"]
         meas = f"{lat['measured']:.3f}" if lat["measured"] is not None else "-"
         tgt = f"{lat['target']:.3f}" if lat["target"] is not None else "-"
-        table.add_row(r["dir"], " ".join(r["arch"].values()), f"{lat['predicted']:.3f} / {meas}", tgt,
+        table.add_row(r["label"], " ".join(r["arch"].values()), f"{lat['predicted']:.3f} / {meas}", tgt,
                       f"{r['params'] / 1e6:.3f}M", f"{r['flops'] / 1e6:.1f}", f"{100 * r['val_acc']:.2f}%")
-    Console(width=200).print(table)
+    console.print(table)
+    width = max(len(r["label"]) for r in reports)
+    for r in reports:
+        print(f"export {r['label']:<{width}}  {r['dir']}")
+    print(f"retrain: nas-retrain arch={reports[0]['dir']}")
 
 
 def run_search(cfg: DictConfig) -> float:
@@ -94,9 +104,12 @@ def run_search(cfg: DictConfig) -> float:
     from supernets.supernet import Supernet
 
     t_start = time.perf_counter()
+    # ---- everything a user can get wrong is checked here, before any training
+    check_progress(cfg.get("progress", "rich"))
+    if "epochs" in cfg.strategy:
+        check_epochs(cfg.strategy.epochs, "strategy.epochs")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_num_threads(int(cfg.hardware.get("threads", torch.get_num_threads())))
-    # ---- everything a user can get wrong is checked here, before any training
     space = make_space(cfg.space)
     datamodule = instantiate(cfg.data)
     device = make_device(cfg.hardware)
@@ -107,11 +120,14 @@ def run_search(cfg: DictConfig) -> float:
     module = instantiate(cfg.strategy.module)(supernet=supernet, cost_model=cost_model, target=target)
     logger = make_logger(cfg.get("logger"))
     lo, hi = cost_model.bounds()
+    kind, unit = getattr(cost_model, "kind", "latency"), getattr(cost_model, "unit", "ms")
     print(f"space {space.name}: {len(space.layers)} searchable layers, {space.size():.3g} architectures; "
-          f"latency {lo:.3f}-{hi:.3f} ms on {device.name}"
-          + (f"; target {target:.3f} ms ({target / hi:.2f} of largest)" if target else ""))
+          f"{kind} {lo:.3f}-{hi:.3f} {unit} on {device.name}"
+          + (f"; target {target:.3f} {unit} ({target / hi:.2f} of largest)" if target else ""))
 
     run_dir = Path(cfg.export.dir).parent
+    epochs = cfg.trainer.get("max_epochs")
+    print(f"searching with {module.name}" + (f" for {epochs} epochs" if epochs else "") + f"; run folder {run_dir}")
     trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=progress_callbacks(cfg.progress),
                          default_root_dir=str(run_dir))
     trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
@@ -130,7 +146,7 @@ def run_search(cfg: DictConfig) -> float:
         if logger:
             logger.log_metrics({"export/val_acc": reports[0]["val_acc"],
                                 "export/latency_pred_ms": reports[0]["latency_ms"]["predicted"]})
-        print_summary(reports, time.perf_counter() - t_start)
+        print_summary(reports, time.perf_counter() - t_start, unit, kind)
     if logger and hasattr(logger, "experiment") and "Wandb" in type(logger).__name__:
         import wandb
 
@@ -140,8 +156,11 @@ def run_search(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
 @user_errors
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     return run_search(cfg)
+
+
+main = hydra_entry(_hydra_main)
 
 
 if __name__ == "__main__":
