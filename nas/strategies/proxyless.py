@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from supernets.arch import Arch
+from supernets.mixed import GATE_MODES
 
+from ..errors import UserError
 from .base import SearchStrategy
 
 LOSS_FORMS = ("mul_log", "add", "abs", "none")
@@ -53,7 +55,9 @@ class ProxylessSearch(SearchStrategy):
                  loss_lambda: float = 0.1, label_smoothing: float = 0.0, grad_clip: float = 5.0):
         super().__init__(supernet, cost_model, target)
         if loss_form not in LOSS_FORMS:
-            raise ValueError(f"latency loss form {loss_form!r} unknown; choose one of {', '.join(LOSS_FORMS)}")
+            raise UserError(f"strategy.module.loss_form={loss_form!r} is unknown; choose one of: {', '.join(LOSS_FORMS)}")
+        if gate not in GATE_MODES:
+            raise UserError(f"strategy.module.gate={gate!r} is unknown; choose one of: {', '.join(GATE_MODES)}")
         self.automatic_optimization = False
         self.supernet.set_gate(gate)
         self.gate = gate
