@@ -15,6 +15,16 @@ from .errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
+
+def _gpus_per_node(accelerator: str, devices) -> int:
+    """SLURM GPUs per node for a Lightning accelerator/devices pair (0 on CPU)."""
+    if str(accelerator).lower() in ("gpu", "cuda"):
+        return int(devices) if str(devices).isdigit() else 1
+    return 0
+
+
+OmegaConf.register_new_resolver("hwnas_gpus", _gpus_per_node, replace=True)
+
 #: Values of the ``progress`` option of every app.
 PROGRESS_KINDS = ("rich", "tqdm", "none")
 

@@ -15,6 +15,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from .errors import UserError
+from .tracking import wandb_run
 from .cli import (CONF_DIR, check_epochs, check_progress, hydra_entry, instantiate, make_cost_model, make_device,
                   make_logger, make_space, progress_callbacks, trainer_kwargs, user_errors)
 
@@ -66,6 +68,8 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
         plots["arch_probs.png"] = lambda p: plot_choice_probs(module.history, choices, p)
     if any("expected" in h for h in module.history):
         plots["latency_curve.png"] = lambda p: plot_cost_curve(module.history, p, target, cost_model.unit)
+    if hasattr(module, "extra_plots"):
+        plots.update(module.extra_plots())
     write_export(out_dir, space=space, arch=arch, model=sub, report=report, plots=plots, onnx=bool(cfg.export.onnx))
     report["dir"] = str(out_dir)
     return report
@@ -108,6 +112,9 @@ def run_search(cfg: DictConfig) -> float:
     check_progress(cfg.get("progress", "rich"))
     if "epochs" in cfg.strategy:
         check_epochs(cfg.strategy.epochs, "strategy.epochs")
+    run_dir = Path(cfg.export.dir).parent
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = resume_checkpoint(cfg, ckpt_dir)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_num_threads(int(cfg.hardware.get("threads", torch.get_num_threads())))
     space = make_space(cfg.space)
@@ -125,14 +132,46 @@ def run_search(cfg: DictConfig) -> float:
           f"{kind} {lo:.3f}-{hi:.3f} {unit} on {device.name}"
           + (f"; target {target:.3f} {unit} ({target / hi:.2f} of largest)" if target else ""))
 
-    run_dir = Path(cfg.export.dir).parent
     epochs = cfg.trainer.get("max_epochs")
     print(f"searching with {module.name}" + (f" for {epochs} epochs" if epochs else "") + f"; run folder {run_dir}")
-    trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=progress_callbacks(cfg.progress),
+    # saved after the strategy's own epoch-end hook (history, LR schedule): a resume starts the next epoch
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
+                                        save_on_train_epoch_end=True,
+                                        every_n_epochs=cfg.checkpoint.get("every_n_epochs") or None,
+                                        every_n_train_steps=cfg.checkpoint.get("every_n_train_steps") or None)
+    trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=[ckpt, *progress_callbacks(cfg.progress)],
                          default_root_dir=str(run_dir))
-    trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
-                val_dataloaders=datamodule.val_dataloader())
-    search_seconds = time.perf_counter() - t_start
+    try:
+        trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
+                    val_dataloaders=datamodule.val_dataloader(), ckpt_path=resume_from)
+        search_seconds = module.search_cost["seconds"]
+        return _finish(cfg, trainer, module, logger, space=space, datamodule=datamodule, device=device,
+                       cost_model=cost_model, target=target, search_seconds=search_seconds, t_start=t_start,
+                       unit=unit, kind=kind)
+    finally:
+        if wandb_run(logger) is not None:
+            import wandb
+
+            wandb.finish()
+
+
+def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """``last.ckpt`` of this run folder when ``resume=auto`` and it exists (a requeued or restarted job)."""
+    mode = str(cfg.get("resume", "auto"))
+    if mode not in ("auto", "never"):
+        raise UserError(f"resume={mode!r} is unknown; choose auto (continue from {ckpt_dir}/last.ckpt when it "
+                        f"exists) or never")
+    last = ckpt_dir / "last.ckpt"
+    if mode == "auto" and last.exists():
+        print(f"resuming from {last}")
+        return str(last)
+    return None
+
+
+def _finish(cfg, trainer, module, logger, *, space, datamodule, device, cost_model, target, search_seconds,
+            t_start, unit, kind) -> float:
+    """Derive, export (rank 0 only), log to W&B, print the summary; returns the first export's val acc."""
+    from .tracking import log_choice_probs, log_export_artifact, log_lut_summary
 
     reports = []
     if trainer.is_global_zero:
@@ -146,11 +185,14 @@ def run_search(cfg: DictConfig) -> float:
         if logger:
             logger.log_metrics({"export/val_acc": reports[0]["val_acc"],
                                 "export/latency_pred_ms": reports[0]["latency_ms"]["predicted"]})
+        run = wandb_run(logger)
+        if run is not None:
+            first = Path(reports[0]["dir"])
+            log_choice_probs(run, module.history, space.decisions(), first / "arch_probs.png")
+            log_lut_summary(run, cost_model.meta)
+            for r in reports:
+                log_export_artifact(run, Path(r["dir"]), r)
         print_summary(reports, time.perf_counter() - t_start, unit, kind)
-    if logger and hasattr(logger, "experiment") and "Wandb" in type(logger).__name__:
-        import wandb
-
-        wandb.finish()
     return float(reports[0]["val_acc"]) if reports else 0.0
 
 

@@ -79,9 +79,34 @@ class SearchStrategy(pl.LightningModule):
         self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["hwnas"] = {"history": self.history, "search_cost": self.search_cost}
+        checkpoint["hwnas"] = {"history": self.history, "search_cost": self.search_cost, "rng": _rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("hwnas", {})
         self.history = list(state.get("history", []))
         self.search_cost = dict(state.get("search_cost", self.search_cost))
+        if "rng" in state:  # paths sampled and data order after a resume are those of an uninterrupted run
+            _set_rng_states(state["rng"])
+
+
+def _rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as plain data (loadable with ``weights_only=True``)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state()}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    py = states["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])

@@ -1,0 +1,99 @@
+"""Scale-out pieces that need no cluster: SLURM request rendering, stable run folders, resume."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+import nas.cli  # registers the hwnas_gpus resolver
+from nas.cli import CONF_DIR
+
+
+def _launcher_params(overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("search", overrides=overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+def test_slurm_launcher_renders_two_nodes_by_four_gpus(tmp_path, monkeypatch):
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun on this machine
+
+    params = _launcher_params(["hydra/launcher=slurm", "trainer=ddp", "trainer.accelerator=gpu",
+                               "trainer.devices=4", "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
+                               "hydra.launcher.timeout_min=90"])
+    assert params["nodes"] == 2 and params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4
+    # render the sbatch file with submitit's own machinery, the way the Hydra launcher passes parameters
+    ex = submitit.AutoExecutor(folder=str(tmp_path), cluster="slurm")
+    base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name"}
+    skip = {"_target_", "submitit_folder", "max_num_timeout"}
+    ex.update_parameters(**{(k if k in base else f"slurm_{k}"): v for k, v in params.items()
+                            if k not in skip and v is not None})
+    text = ex._executor._make_submission_file_text("python -c 'pass'", "%j")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --signal=USR2@120"):
+        assert line in text, line
+
+
+def test_cpu_request_asks_for_no_gpus():
+    params = _launcher_params(["hydra/launcher=slurm"])
+    assert params["gpus_per_node"] == 0 and params["nodes"] == 1 and params["tasks_per_node"] == 1
+
+
+def test_run_folder_follows_run_name():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("search", overrides=["run_name=sweep_a"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.job.num = 3
+        HydraConfig.instance().set_config(cfg)
+    assert cfg.hydra.run.dir.endswith("search/sweep_a")
+    assert cfg.hydra.sweep.dir.endswith("search/sweep_a") and cfg.hydra.sweep.subdir == "3"  # the array index
+
+
+@pytest.mark.slow
+def test_sigterm_then_same_command_resumes_and_ends_with_the_same_arch(tmp_path, smoke_search, shared_cache):
+    from .conftest import TINY_HARDWARE, run_app
+
+    args = ("strategy.epochs=6", "strategy.module.warmup_epochs=1", *TINY_HARDWARE, "progress=none",
+            "export.calib_batches=2", "export.onnx=false", "export.measure=false", "seed=3")
+    full = run_app("nas.search", *args, f"hydra.run.dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.describe()
+
+    cut_dir = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "nas.search", *args, f"hydra.run.dir={cut_dir}"]
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = cut_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert last.exists(), out
+    assert not (cut_dir / "export").exists(), "the run finished before it was interrupted: " + out
+
+    again = run_app("nas.search", *args, f"hydra.run.dir={cut_dir}")
+    assert again.returncode == 0, again.describe()
+    assert "resuming from" in again.stdout
+    import json
+
+    r_full = json.loads((tmp_path / "full" / "export" / "report.json").read_text())
+    r_cut = json.loads((cut_dir / "export" / "report.json").read_text())
+    assert r_cut["search_cost"]["epochs"] == r_full["search_cost"]["epochs"] == 6
+    assert r_cut["arch"] == r_full["arch"]
+    assert r_cut["val_acc"] == pytest.approx(r_full["val_acc"])
