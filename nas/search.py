@@ -60,6 +60,7 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
         "val_acc": val_acc,
         "search_seconds": search_seconds,
         "search_cost": dict(module.search_cost),
+        "distributed": dict(module.dist_check),
         "seed": int(cfg.seed),
     }
     choices = space.decisions()

@@ -88,6 +88,20 @@ class Supernet(nn.Module):
         for m in self.mixed_ops():
             m.sample(how, generator)
 
+    def path_state(self) -> torch.Tensor:
+        """The sampled path as one tensor (active index and pair per layer; -1 = no pair), so that
+        distributed ranks can agree on it by a broadcast."""
+        rows = []
+        for m in self.mixed_ops():
+            pair = m._pair.tolist() if m._pair is not None else [-1, -1]
+            rows.append([m.active, int(m.fixed), *pair])
+        return torch.tensor(rows, dtype=torch.long)
+
+    def load_path_state(self, state: torch.Tensor) -> None:
+        for m, (active, fixed, p0, p1) in zip(self.mixed_ops(), state.tolist()):
+            m.active, m.fixed = int(active), bool(fixed)
+            m._pair = None if p0 < 0 else torch.tensor([p0, p1])
+
     def rescale_pairs(self) -> None:
         for m in self.mixed_ops():
             m.rescale_pair()

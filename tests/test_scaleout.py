@@ -97,3 +97,40 @@ def test_sigterm_then_same_command_resumes_and_ends_with_the_same_arch(tmp_path,
     assert r_cut["search_cost"]["epochs"] == r_full["search_cost"]["epochs"] == 6
     assert r_cut["arch"] == r_full["arch"]
     assert r_cut["val_acc"] == pytest.approx(r_full["val_acc"])
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_keeps_alpha_identical(tmp_path, smoke_search, shared_cache):
+    """Two gloo ranks: the search completes, the ranks agree on alpha and the arch, rank 0 exported once."""
+    import json
+
+    import torch
+
+    from .conftest import TINY_SEARCH, run_app
+
+    run_dir = tmp_path / "ddp"
+    run = run_app("nas.search", *TINY_SEARCH, "trainer=ddp", "trainer.devices=2", "strategy.epochs=3",
+                  "export.onnx=false", f"hydra.run.dir={run_dir}")
+    assert run.returncode == 0, run.describe()
+    report = json.loads((run_dir / "export" / "report.json").read_text())
+    # every rank compared its alpha and derived architecture with the others' (all_gather at the end)
+    assert report["distributed"] == {"world_size": 2, "ranks_agree": True, "max_alpha_diff": 0.0}
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith(".alpha"))  # arch steps happened
+    assert len(list(run_dir.rglob("report.json"))) == 1  # only rank 0 exported
+
+
+@pytest.mark.slow
+def test_local_submitit_multirun_gives_each_job_its_own_export(tmp_path, smoke_search, shared_cache):
+    from .conftest import TINY_SEARCH, run_app
+
+    sweep = tmp_path / "sweep"
+    run = run_app("nas.search", "-m", "hydra/launcher=local", *TINY_SEARCH, "export.onnx=false",
+                  "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert run.returncode == 0, run.describe()
+    for job in ("0", "1"):
+        assert (sweep / job / "export" / "report.json").exists(), run.describe()
+    import json
+
+    seeds = {json.loads((sweep / j / "export" / "report.json").read_text())["seed"] for j in ("0", "1")}
+    assert seeds == {0, 1}

@@ -30,8 +30,12 @@ class SearchStrategy(pl.LightningModule):
         self.supernet = supernet
         self.cost_model = cost_model
         self.target = target
+        # architecture parameters stay out of DDP's gradient buckets: strategies reduce them themselves
+        self._ddp_params_and_buffers_to_ignore = [f"supernet.{n}" for n, _ in supernet.named_parameters()
+                                                  if n.endswith(".alpha")]
         self.history: list[dict[str, Any]] = []  # one row per epoch: probabilities, derived arch, costs
         self.search_cost = {"seconds": 0.0, "epochs": 0, "images": 0}
+        self.dist_check: dict[str, Any] = {"world_size": 1}
         self._t_epoch = None
 
     # ------------------------------------------------------------------ data
@@ -52,6 +56,45 @@ class SearchStrategy(pl.LightningModule):
     def derive_all(self) -> dict[str, Arch]:
         """Every architecture this strategy exports, by label (default: the one from :meth:`derive`)."""
         return {"best": self.derive()}
+
+    # ------------------------------------------------------------------ distributed
+    @property
+    def distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def sync_path(self) -> None:
+        """Every rank runs rank 0's sampled path (the same weights are trained everywhere)."""
+        if self.distributed:
+            state = self.trainer.strategy.broadcast(self.supernet.path_state(), src=0)
+            self.supernet.load_path_state(state)
+
+    def mean_arch_grads(self) -> None:
+        """Average the architecture gradients over ranks, so every rank takes the same step."""
+        if self.distributed:
+            for a in self.supernet.arch_parameters():
+                if a.grad is not None:
+                    a.grad = self.trainer.strategy.reduce(a.grad, reduce_op="mean")
+
+    def on_fit_end(self) -> None:
+        """Under DDP, check the contract that every rank holds the same architecture state and derives
+        the same architecture; the result goes into every export's report."""
+        if not self.distributed:
+            self.dist_check = {"world_size": 1}
+            return
+        import torch.distributed as dist
+
+        alphas = [a.detach().flatten().cpu() for a in self.supernet.arch_parameters()]
+        mine = {"alpha": torch.cat(alphas).tolist() if alphas else [],
+                "derived": {k: dict(a.choices) for k, a in self.derive_all().items()}}
+        everyone: list = [None] * self.trainer.world_size
+        dist.all_gather_object(everyone, mine)
+        diff = max((max((abs(x - y) for x, y in zip(o["alpha"], mine["alpha"])), default=0.0) for o in everyone),
+                   default=0.0)
+        agree = all(o == everyone[0] for o in everyone)
+        self.dist_check = {"world_size": self.trainer.world_size, "ranks_agree": agree, "max_alpha_diff": diff}
+        if not agree:
+            raise RuntimeError(f"ranks hold different architecture states after the search (max alpha difference "
+                               f"{diff:.3g}); please report this with the config")
 
     # ------------------------------------------------------------------ shared steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,7 @@ class ProxylessSearch(SearchStrategy):
         # ---- weight step: one sampled path (uniform during warm-up)
         net.set_phase("weight")
         net.sample("uniform" if self.in_warmup else "probs")
+        self.sync_path()
         opt_w.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), y, label_smoothing=self.label_smoothing)
         self.manual_backward(loss)
@@ -107,11 +108,21 @@ class ProxylessSearch(SearchStrategy):
             xa, ya = batch["arch"]
             net.set_phase("arch")
             net.sample("probs")
+            self.sync_path()
             opt_a.zero_grad(set_to_none=True)
-            ce = F.cross_entropy(net(xa), ya)
-            exp_lat = self.expected_latency()
-            arch_loss = latency_loss(ce, exp_lat, self.target, **self.loss_args)
-            self.manual_backward(arch_loss)
+            # weights take no gradient in the architecture step (and DDP's weight buckets stay untouched)
+            weights = [p for p in net.weight_parameters() if p.requires_grad]
+            for p in weights:
+                p.requires_grad_(False)
+            try:
+                ce = F.cross_entropy(net(xa), ya)
+                exp_lat = self.expected_latency()
+                arch_loss = latency_loss(ce, exp_lat, self.target, **self.loss_args)
+                arch_loss.backward()  # alpha is outside DDP: a plain backward, reduced below
+            finally:
+                for p in weights:
+                    p.requires_grad_(True)
+            self.mean_arch_grads()
             opt_a.step()
             net.rescale_pairs()
             opt_w.zero_grad(set_to_none=True)  # the arch step's stem/head gradients are not a weight step
