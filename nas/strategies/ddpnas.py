@@ -453,6 +453,7 @@ class DDPNASSearch(SearchStrategy):
         x, y = batch
         if self._path is None:  # warm-up: a uniformly random path per batch
             self.supernet.sample("uniform", generator=self._gen)
+            self.sync_path()  # the generators agree across ranks already; rank 0's path is the contract
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.supernet(x), y, label_smoothing=self.label_smoothing)
         self.manual_backward(loss)
