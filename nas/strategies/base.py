@@ -85,7 +85,8 @@ class SearchStrategy(pl.LightningModule):
 
         alphas = [a.detach().flatten().cpu() for a in self.supernet.arch_parameters()]
         mine = {"alpha": torch.cat(alphas).tolist() if alphas else [],
-                "derived": {k: dict(a.choices) for k, a in self.derive_all().items()}}
+                "derived": {k: dict(a.choices) for k, a in self.derive_all().items()},
+                "state": self.search_state()}
         everyone: list = [None] * self.trainer.world_size
         dist.all_gather_object(everyone, mine)
         diff = max((max((abs(x - y) for x, y in zip(o["alpha"], mine["alpha"])), default=0.0) for o in everyone),
@@ -95,6 +96,10 @@ class SearchStrategy(pl.LightningModule):
         if not agree:
             raise RuntimeError(f"ranks hold different architecture states after the search (max alpha difference "
                                f"{diff:.3g}); please report this with the config")
+
+    def search_state(self) -> Any:
+        """Strategy state beyond alpha that every rank must hold identically (plain data)."""
+        return None
 
     # ------------------------------------------------------------------ shared steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:

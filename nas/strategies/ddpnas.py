@@ -525,6 +525,10 @@ class DDPNASSearch(SearchStrategy):
                                "path; validation must run at the end of every epoch")
 
     # ------------------------------------------------------------------ checkpoint
+    def search_state(self) -> Any:
+        """theta, pools and pruning record: compared across DDP ranks at the end of the search."""
+        return self.state.state_dict()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["hwnas"]["ddpnas"] = {
