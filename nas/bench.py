@@ -1,0 +1,269 @@
+"""``nas-bench``: the numbers that say where hwnas stands, each as a ratio measured in one run.
+
+    nas-bench suite=memory            # peak memory and step time: gate one / two / full vs a standalone net
+    nas-bench suite=lut               # latency-table accuracy on every device available here
+    nas-bench suite=search            # searched vs best-of-k random vs uniformly scaled, at equal latency
+    nas-bench suite=all out=bench/    # everything: markdown on stdout, bench.json, bench.md, PNG plots
+
+Each suite lives in its own module (:mod:`nas.bench_memory`, :mod:`nas.bench_search`; the LUT suite
+calls :func:`nas.lut_validate.validate_table`). Results of a suite replace that suite's entry in
+``<out>/bench.json``, so suites run one at a time into the same folder add up. Returns the search
+suite's mean advantage of the strategies over the best random architecture (test accuracy points),
+else the memory suite's one-gate weight-step time ratio, else the mean fraction of LUT validation
+nets within +-10 %.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .cli import CONF_DIR, instantiate, make_device, make_space, user_errors
+from .errors import UserError
+
+try:  # exit code 2 for command-line mistakes, as the other apps (when nas.cli provides it)
+    from .cli import hydra_entry
+except ImportError:  # pragma: no cover
+    def hydra_entry(app):
+        return app
+
+SUITES = ("memory", "lut", "search")
+RESULTS_FILE = "bench.json"
+MARKDOWN_FILE = "bench.md"
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _suites(value: Any) -> list[str]:
+    names = [s.strip() for s in str(value).split(",") if s.strip()]
+    if names == ["all"]:
+        return list(SUITES)
+    bad = [s for s in names if s not in SUITES]
+    if bad or not names:
+        raise UserError(f"suite={value!r} unknown; choose one of: {', '.join(SUITES)}, all "
+                        f"(or several, comma-separated: suite=memory,lut)")
+    return names
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    from .devices import _processor_name
+
+    return {"processor": _processor_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    from .cost import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+# ---------------------------------------------------------------------- the three suites
+def run_memory(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
+    from . import bench_memory as bm
+
+    space = make_space(cfg.space)
+    m = cfg.memory
+    for key, allowed in (("gates", bm.GATES), ("phases", bm.PHASES), ("sharings", bm.SHARINGS)):
+        bad = [v for v in m[key] if v not in allowed]
+        if bad or not m[key]:
+            raise UserError(f"memory.{key}={list(m[key])}: choose from {', '.join(allowed)}")
+    res = bm.run_memory_suite(space, num_classes=int(m.num_classes), batch_size=int(m.batch_size),
+                              gates=list(m.gates), phases=list(m.phases), sharings=list(m.sharings),
+                              repeats=int(m.repeats), warmup=int(m.warmup), steps=int(m.steps),
+                              time_warmup=int(m.time_warmup), time_rounds=int(m.time_rounds),
+                              threads=int(m.threads), parallel=int(m.parallel), path_seed=int(m.path_seed),
+                              seed=int(cfg.seed), log=_log)
+    bm.plot(res, out / "memory.png")
+    res["plot"] = "memory.png"
+    return res, bm.markdown(res)
+
+
+def run_lut(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
+    """Build (or load from the cache) each available device's table and validate it end to end."""
+    import torch
+
+    from .cost import AnalyticDevice, LatencyTable, build_latency_table, table_path
+    from .lut_validate import plot_report, summary_line, validate_table
+
+    space = make_space(cfg.space)
+    c = cfg.lut
+    num_classes = int(c.num_classes)
+    devices: dict[str, Any] = {}
+    lines = [f"### latency tables ({space.name}; {int(c.samples)} random subnets + largest + smallest per device)",
+             "", "| device | entries | within 5% | within 10% | Spearman | RMSE % | bias % | worst % | retest median diff % "
+             "| build s | validation s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in c.devices:
+        hw_file = Path(CONF_DIR) / "hardware" / f"{name}.yaml"
+        if not hw_file.exists():
+            raise UserError(f"lut.devices: no hardware config {hw_file}; available: "
+                            f"{', '.join(p.stem for p in sorted((Path(CONF_DIR) / 'hardware').glob('*.yaml')))}")
+        try:
+            hw = OmegaConf.merge(OmegaConf.load(hw_file), c.get("device_overrides") or {})
+            device = make_device(hw)
+        except UserError as e:
+            devices[name] = {"available": False, "reason": str(e)}
+            _log(f"lut: {name} not available here: {e}")
+            lines.append(f"| {name} | not available here | | | | | | | | | |")
+            continue
+        if isinstance(device, AnalyticDevice):
+            devices[name] = {"available": False, "reason": "analytic model (nothing is timed)"}
+            continue
+        torch.set_num_threads(int(device.threads))
+        path = table_path(c.cache_dir, space, device, num_classes)
+        t0 = time.perf_counter()
+        table = None
+        if path.exists() and not c.rebuild:
+            try:
+                table = LatencyTable.load(path, space, device.fingerprint_id(), warn=_log)
+                _log(f"lut: {name}: cached table {path}")
+            except UserError as e:  # an old format: rebuild
+                _log(f"lut: {name}: {e}; rebuilding")
+        if table is None:
+            _log(f"lut: {name}: building the table -> {path}")
+            mm = c.measure
+            table = build_latency_table(space, device, num_classes, calib_nets=int(mm.calib_nets), seed=int(cfg.seed),
+                                        progress=False, rel_ci=mm.get("rel_ci"), max_repeats=int(mm.max_repeats),
+                                        max_seconds=mm.get("max_seconds"))
+            table.save(path)
+        build_s = time.perf_counter() - t0
+        _log(f"lut: {name}: validating on {int(c.samples) + 2} subnets")
+        report = validate_table(table, device, samples=int(c.samples), seed=int(cfg.seed), retest=bool(c.retest))
+        table.save(path)
+        s = report["summary"]
+        png = out / f"lut_{name}.png"
+        try:
+            plot_report(report, png)
+        except Exception as e:  # noqa: BLE001 - a plot never costs the numbers
+            _log(f"warning: could not draw {png}: {e}")
+        devices[name] = {"available": True, "table": str(path), "entries": len(table.entries),
+                         "build_or_load_seconds": round(build_s, 1), "summary": s, "plot": png.name,
+                         "nets": report["nets"]}
+        rt = s.get("retest", {}).get("median_abs_pct")
+        lines.append(f"| {name} | {len(table.entries)} | {100 * s['within_5pct']:.0f}% | {100 * s['within_10pct']:.0f}% | "
+                     f"{s['spearman']:.3f} | {s['rmse_pct']:.1f} | {s['bias_pct']:+.1f} | {s['max_abs_pct']:.1f} | "
+                     f"{'-' if rt is None else f'{rt:.1f}'} | {build_s:.0f} | {s['seconds']:.0f} |")
+        _log(f"lut: {name}: {summary_line(s)}")
+    lines.append("")
+    lines.append(f"load avg at the end: {[round(x, 2) for x in os.getloadavg()]}; tables from the cache are reused "
+                 f"(lut.rebuild=true measures them again)")
+    return {"space": space.name, "devices": devices, "samples": int(c.samples)}, "\n".join(lines)
+
+
+def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
+    import torch
+
+    from . import bench_search as bs
+    from .cli import make_cost_model
+
+    s = cfg.search
+    space = make_space(cfg.space)
+    device = make_device(cfg.hardware)
+    torch.set_num_threads(int(getattr(device, "threads", torch.get_num_threads())))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    cost_model = make_cost_model(cfg, space, device, datamodule.num_classes, log=_log)
+    if getattr(cost_model, "kind", "latency") != "latency":
+        raise UserError(f"suite=search compares measured latencies; hardware={device.name} is an analytic model. "
+                        f"Use hardware=cpu or hardware=onnxruntime")
+    if not s.budgets:
+        raise UserError("search.budgets is empty; give 2-3 fractions of the largest subnet's latency, e.g. [0.4,0.6]")
+    strategies = OmegaConf.to_container(s.strategies, resolve=True) if s.strategies else {}
+    res = bs.run_search_suite(
+        space=space, datamodule=datamodule, device=device, cost_model=cost_model, conf_dir=CONF_DIR,
+        budgets=list(s.budgets), k=int(s.k), band=float(s.band), epochs=int(s.epochs), seeds=list(s.seeds),
+        lr=float(s.lr), label_smoothing=float(s.label_smoothing), strategies=strategies,
+        anchors=bool(s.anchors), weight_sharing=str(cfg.supernet.weight_sharing), seed=int(cfg.seed),
+        measure=OmegaConf.to_container(s.measure, resolve=True) if s.get("measure") else None, log=_log)
+    bs.plot(res, out / "search_pareto.png")
+    res["plot"] = "search_pareto.png"
+    return res, bs.markdown(res)
+
+
+RUNNERS: dict[str, Callable[[DictConfig, Path], tuple[dict[str, Any], str]]] = {
+    "memory": run_memory, "lut": run_lut, "search": run_search}
+
+
+def _metric(results: dict[str, Any]) -> float:
+    search = results.get("search")
+    if search:
+        pts = [d["vs_best_random_points"] for v in search["verdict"].values() for d in v["strategies"].values()
+               if "vs_best_random_points" in d]
+        if pts:
+            return float(sum(pts) / len(pts))
+    mem = results.get("memory")
+    if mem:
+        one = next((r for r in mem["rows"] if r["config"].startswith("one/weight/")), None)
+        if one:
+            return float(one["time_vs_sampled"])
+    lut = results.get("lut")
+    if lut:
+        vals = [d["summary"]["within_10pct"] for d in lut["devices"].values() if d.get("available")]
+        if vals:
+            return float(sum(vals) / len(vals))
+    return 0.0
+
+
+def run_bench(cfg: DictConfig) -> float:
+    suites = _suites(cfg.suite)
+    out = Path(str(cfg.out)).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        results = {}
+    command = "nas-bench " + " ".join(sys.argv[1:])
+    sections = []
+    t_all = time.perf_counter()
+    for name in suites:
+        _log(f"suite {name}: start (load avg {[round(x, 2) for x in os.getloadavg()]})")
+        t0 = time.perf_counter()
+        res, md = RUNNERS[name](cfg, out)
+        res.update(command=command, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   wall_seconds=round(time.perf_counter() - t0, 1), machine=_machine(),
+                   load_avg_end=[round(x, 2) for x in os.getloadavg()])
+        results[name] = res
+        results["markdown_" + name] = md
+        _atomic_json(path, results)  # after every suite: a later crash keeps the numbers
+        _log(f"suite {name}: done in {res['wall_seconds'] / 60:.1f} min")
+        sections.append(md)
+        print(md + "\n", flush=True)
+    md_all = "\n\n".join(results[f"markdown_{n}"] for n in SUITES if f"markdown_{n}" in results)
+    from .cost import atomic_write_text
+
+    atomic_write_text(out / MARKDOWN_FILE, f"<!-- {command} -->\n\n{md_all}\n")
+    _log(f"nas-bench: {', '.join(suites)} in {(time.perf_counter() - t_all) / 60:.1f} min -> {path}, "
+         f"{out / MARKDOWN_FILE} and plots in {out}")
+    return _metric(results)
+
+
+@hydra_entry
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+@user_errors
+def main(cfg: DictConfig) -> float:
+    return run_bench(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""``nas-bench`` on tiny settings: each suite runs end to end and reports what it claims to.
+
+Numbers are never judged here (no timing in unit tests); the suites' real settings run in
+``nas-bench`` itself. The procedurally generated dataset is checked for determinism and balance.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from nas.cost import LatencyTable
+from nas.data_synth import SHAPES, TexShapesDataModule, generate_texshapes
+from nas.errors import UserError
+from supernets.space import SearchSpace
+from supernets.supernet import Supernet
+
+from .test_supernet import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+@pytest.fixture(scope="module")
+def space() -> SearchSpace:
+    return SearchSpace.from_dict(TINY)
+
+
+def _bench_cfg(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("bench", list(overrides), return_hydra_config=False)
+
+
+# ---------------------------------------------------------------------- dataset
+def test_texshapes_is_deterministic_balanced_and_seeded():
+    x1, y1 = generate_texshapes(60, size=16, seed=3)
+    x2, y2 = generate_texshapes(60, size=16, seed=3)
+    x3, _ = generate_texshapes(60, size=16, seed=4)
+    assert x1.shape == (60, 3, 16, 16) and x1.dtype == torch.float32
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+    assert torch.bincount(y1, minlength=len(SHAPES)).tolist() == [6] * len(SHAPES)
+
+
+def test_texshapes_datamodule_splits_and_config(monkeypatch):
+    cfg = _bench_cfg(["space=mbv2_tiny"])
+    assert cfg.data._target_ == "nas.data_synth.TexShapesDataModule" and cfg.data.resolution == 32
+    from hydra.utils import instantiate
+
+    with open_dict(cfg):
+        cfg.data.n_train, cfg.data.n_test = 50, 20
+    dm = instantiate(cfg.data)
+    d = dm.describe()
+    assert (d["train"], d["arch"], d["test"], d["classes"], d["resolution"]) == (40, 10, 20, 10, 32)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
+    with pytest.raises(UserError, match="classes"):
+        TexShapesDataModule(classes=11)
+
+
+# ---------------------------------------------------------------------- memory
+def test_forced_path_runs_exactly_the_standalone_net(space):
+    """The memory suite's fairness claim: the one-gate weight step computes the sampled path's net."""
+    from nas.bench_memory import force_path
+
+    path = space.sample(5, random.Random(2))
+    net = Supernet(space, 5, gate="one").eval()
+    net.set_phase("weight")
+    net.sample("probs")
+    force_path(net, path)
+    assert not any(m.fixed for m in net.mixed_ops())
+    x = torch.randn(2, 3, space.resolution, space.resolution)
+    with torch.no_grad():
+        assert torch.allclose(net(x), net.extract(path).eval()(x), atol=1e-5)
+
+
+def test_memory_suite_smoke(space):
+    from nas import bench_memory as bm
+
+    res = bm.run_memory_suite(space, num_classes=5, batch_size=4, gates=["one"], phases=["weight"],
+                              sharings=["elastic"], repeats=1, warmup=0, steps=1, time_warmup=1, time_rounds=2,
+                              threads=1, parallel=3, log=lambda m: None)
+    rows = {r["config"]: r for r in res["rows"]}
+    assert set(rows) == {"one/weight/elastic", "standalone/largest", "standalone/sampled"}
+    for r in rows.values():
+        assert r["total_mb"] >= 0 and r["step_ms"] > 0 and r["params"] > 0
+    assert rows["standalone/sampled"]["time_vs_sampled"] == pytest.approx(1.0)
+    assert "elastic" in res["verdict"] or res["verdict"] == {}
+    assert "one/weight/elastic" in bm.markdown(res)
+
+
+# ---------------------------------------------------------------------- lut
+def test_lut_suite_through_the_app(tmp_path, space):
+    from nas.bench import run_bench
+
+    cfg = _bench_cfg(["suite=lut", f"out={tmp_path}", "lut.devices=[cpu,cuda]", "lut.samples=2", "lut.retest=false",
+                      "lut.measure.rel_ci=null", "lut.measure.calib_nets=3", f"lut.cache_dir={tmp_path / 'cache'}",
+                      "lut.device_overrides={repeats: 3, warmup: 1, threads: 1}"])
+    with open_dict(cfg):
+        cfg.space = OmegaConf.create(TINY)
+    run_bench(cfg)
+    res = json.loads((tmp_path / "bench.json").read_text())
+    cpu = res["lut"]["devices"]["cpu"]
+    assert cpu["available"] and cpu["summary"]["n"] == 4 and (tmp_path / cpu["plot"]).is_file()
+    if not torch.cuda.is_available():
+        assert res["lut"]["devices"]["cuda"]["available"] is False
+    assert "| cpu |" in (tmp_path / "bench.md").read_text()
+
+
+def test_unknown_suite_is_refused():
+    from nas.bench import _suites
+
+    assert _suites("all") == ["memory", "lut", "search"]
+    assert _suites("memory,lut") == ["memory", "lut"]
+    with pytest.raises(UserError, match="memory, lut, search, all"):
+        _suites("speed")
+
+
+# ---------------------------------------------------------------------- search
+def test_search_suite_smoke(tmp_path, space):
+    from nas import bench_search as bs
+    from nas.devices import build_device
+
+    rng = random.Random(0)
+    costs = {l.name: [0.0 if op == "zero" else rng.uniform(0.1, 1.0) for op in l.choices] for l in space.layers}
+    table = LatencyTable(space, costs, 0.5, {"reference_ms": None})
+    dm = TexShapesDataModule(resolution=space.resolution, n_train=120, n_test=40, batch_size=32)
+    dm.setup()
+    device = build_device("cpu", threads=1, warmup=1, repeats=3)
+    strategies = {"proxyless": {"epochs": 2, "module": {"warmup_epochs": 1}},
+                  "ddpnas": {"epochs": 2, "module": {"warmup_epochs": 0}},
+                  "nosuch": {}}
+    res = bs.run_search_suite(space=space, datamodule=dm, device=device, cost_model=table, conf_dir=CONF,
+                              budgets=[0.6, 0.9], k=2, band=0.5, epochs=1, seeds=[0], strategies=strategies,
+                              anchors=True, log=lambda m: None)
+    methods = {(e["method"], e["budget"]) for e in res["entries"]}
+    for b in ("0.6", "0.9"):
+        assert ("uniform", b) in methods and ("random", b) in methods and ("proxyless", b) in methods
+        v = res["verdict"][b]
+        assert "proxyless" in v["strategies"] and "beats_best_random" in v["strategies"]["proxyless"]
+        for e in res["entries"]:
+            if e["budget"] == b and e["method"] in ("random", "uniform"):
+                assert e["predicted_ms"] <= res["budgets"][b] + 1e-9
+    assert "nosuch" in res["skipped_strategies"]
+    assert ("ddpnas", "0.6") in methods or "ddpnas" in res["skipped_strategies"]
+    assert res["gap_smallest_largest"]["largest_ms"] > 0
+    for e in res["entries"]:
+        assert 0.0 <= e["test_acc"] <= 1.0 and e["measured_ms"] > 0
+    md = bs.markdown(res)
+    assert "best-of-2 random" in md
+    bs.plot(res, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_uniform_baseline_is_the_priciest_uniform_net_within_budget(space):
+    from nas.bench_search import uniform_arch
+
+    costs = {l.name: [{"k3_e3": 1.0, "k5_e3": 2.0, "k3_e6": 3.0, "zero": 0.0}[op] for op in l.choices]
+             for l in space.layers}
+    table = LatencyTable(space, costs, 1.0, {})
+    n = len(space.layers)
+    arch, desc = uniform_arch(space, table, 1.0 + 2.0 * n, 5)
+    assert desc == "k5_e3" and set(arch.choices.values()) == {"k5_e3"}
+    arch, desc = uniform_arch(space, table, 1.0 + 2.0 * n - 0.5, 5)
+    assert table.predict(arch) <= 1.0 + 2.0 * n - 0.5
