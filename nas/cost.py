@@ -21,11 +21,11 @@ Latency tables (file format version 2, JSON)
     measurement method, and the ``validation`` summary written by ``nas-lut`` (see
     :mod:`nas.lut_validate`), which every search copies into its report.
 
-How latency is measured: see :mod:`nas.devices` and docs/latency.md. All times are expressed in
-"table milliseconds": a median ratio to a fixed reference block timed in alternation, times the
-reference's median time in the pass that built the table, so that tables, calibration and later
-measurements (:func:`measure_archs` with ``reference_ms``) share one unit whatever the machine's
-speed state was in each pass.
+How latency is measured: see :mod:`nas.devices` and docs/latency.md (warm calls, adaptive repeats,
+preempted calls left out). All times are expressed in "table milliseconds": a median ratio to a
+fixed reference block timed in alternation, times the reference's median time in the pass that
+built the table, so that tables, calibration and later measurements (:func:`measure_archs` with
+``reference_ms``) share one unit whatever the machine's speed state was in each pass.
 """
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ ANALYTIC_NAMES: tuple[str, ...] = ("flops", "params")
 #: Defaults of the latency measurement (overridable per call and in conf/lut.yaml).
 DEFAULT_CALIB_NETS = 24
 DEFAULT_REL_CI = 0.01
-DEFAULT_MAX_REPEATS = 400
+DEFAULT_MAX_REPEATS = 1000
 DEFAULT_MAX_SECONDS = 90.0
+DEFAULT_WARM_CALLS = 1
 
 
 class LatencyTableWarning(UserWarning):
@@ -261,12 +262,26 @@ def arch_net(space: SearchSpace, arch: Arch) -> tuple[nn.Module, tuple[int, ...]
 
 
 def calibration_archs(space: SearchSpace, num_classes: int, n: int, seed: int = 0) -> list[Arch]:
-    """Largest, smallest and ``n - 2`` random subnets (seeded; a stream apart from validation's)."""
+    """Largest, smallest and ``n - 2`` random subnets (seeded; a stream apart from validation's).
+
+    Half of the random ones are uniform over each layer's choices (like the validation nets); the
+    other half skip layers (``zero``) with a probability that sweeps from 0 to 1, so that the
+    overhead fit also sees the sparse, fast nets a search under a tight target ends up with.
+    """
     if n <= 0:
         return []
     rng = random.Random(f"hwnas-calibration-{seed}")
     archs = [space.largest(num_classes), space.smallest(num_classes)][:n]
-    archs += [space.sample(num_classes, rng) for _ in range(n - len(archs))]
+    rest = n - len(archs)
+    sparse = rest // 2
+    for i in range(sparse):
+        p_zero = (i + 0.5) / sparse
+        choices = {}
+        for layer in space.layers:
+            ops = [c for c in layer.choices if c != ZERO]
+            choices[layer.name] = ZERO if ZERO in layer.choices and rng.random() < p_zero else rng.choice(ops)
+        archs.append(space.make_arch(choices, num_classes))
+    archs += [space.sample(num_classes, rng) for _ in range(rest - sparse)]
     return archs
 
 
@@ -277,6 +292,12 @@ def validation_archs(space: SearchSpace, num_classes: int, samples: int, seed: i
     out = [("largest", space.largest(num_classes)), ("smallest", space.smallest(num_classes))]
     out += [(f"random{i}", space.sample(num_classes, rng)) for i in range(samples)]
     return out
+
+
+def describe_reference() -> dict[str, Any]:
+    """What the reference of every measurement is (stored in tables and kit manifests)."""
+    return {"kind": "block", "module": "nas.devices.reference_module (conv3x3 16->32->16 + BN + ReLU6 on "
+                                       "16x16x16)"}
 
 
 # ---------------------------------------------------------------------- overhead model
@@ -613,27 +634,31 @@ class AnalyticDevice:
 
 # ---------------------------------------------------------------------- measuring
 def _measure(device, items: Mapping[str, tuple[nn.Module, tuple[int, ...]]], *, progress: bool, desc: str,
-             rel_ci: float | None, max_repeats: int | None,
-             max_seconds: float | None = None) -> dict[str, dict[str, float]]:
+             rel_ci: float | None, max_repeats: int | None, max_seconds: float | None = None,
+             warm_calls: int = 0) -> dict[str, dict[str, float]]:
     kw: dict[str, Any] = {} if rel_ci is None else {"rel_ci": rel_ci, "max_repeats": max_repeats}
     if max_seconds is not None:
         kw["max_seconds"] = max_seconds
+    if warm_calls:
+        kw["warm_calls"] = int(warm_calls)
     return device.measure(items, progress=progress, desc=desc, **kw)
 
 
 def build_latency_table(space: SearchSpace, device, num_classes: int, *, calib_nets: int = DEFAULT_CALIB_NETS,
                         seed: int = 0, progress: bool = True, rel_ci: float | None = DEFAULT_REL_CI,
                         max_repeats: int | None = DEFAULT_MAX_REPEATS,
-                        max_seconds: float | None = DEFAULT_MAX_SECONDS,
+                        max_seconds: float | None = DEFAULT_MAX_SECONDS, warm_calls: int = DEFAULT_WARM_CALLS,
                         overhead_model: str | None = None) -> LatencyTable:
     """Measure every candidate block at its shape, the fixed parts and ``calib_nets`` whole subnets on
     ``device`` in ONE pass, and calibrate the overhead model.
 
-    Every item is timed call by call in alternation with the device's fixed reference block (see
+    Every item is timed call by call in alternation with the fixed reference block (see
     :mod:`nas.devices`); rounds visit the items in a shuffled order, so blocks and calibration nets
     interleave and see the same machine states. With ``rel_ci`` the rounds continue for an item
     until the 95 % confidence interval of its median ratio is within ``+-rel_ci`` (at most
-    ``max_repeats`` calls, and no longer than ``max_seconds`` in all). Entries store the median in
+    ``max_repeats`` calls, and no longer than ``max_seconds`` in all). Each timed call of an item
+    follows ``warm_calls`` untimed ones, so that it runs warm as in a deployed loop whatever else
+    the rotation holds (blocks here, whole nets in validation). Entries store the median in
     table ms, the spread and the count. The
     calibration nets (largest, smallest, random) then fit :func:`fit_overhead` (or the given
     ``overhead_model``).
@@ -646,10 +671,14 @@ def build_latency_table(space: SearchSpace, device, num_classes: int, *, calib_n
     for i, arch in enumerate(archs):
         to_measure[f"calib:{i}"] = arch_net(space, arch)
     res = _measure(device, to_measure, progress=progress, desc=f"latency table {space.name} on {device.name}",
-                   rel_ci=rel_ci, max_repeats=max_repeats, max_seconds=max_seconds)
+                   rel_ci=rel_ci, max_repeats=max_repeats, max_seconds=max_seconds, warm_calls=warm_calls)
     ref = res["__reference__"]
     entries = {k: {**{kk: float(vv) for kk, vv in res[k].items()}, "role": v["role"], "fields": v["fields"]}
                for k, v in items.items()}
+    for e in entries.values():
+        for kk in ("count", "calls", "clean"):
+            if kk in e:
+                e[kk] = int(e[kk])
     calib = [float(res[f"calib:{i}"]["median_ms"]) for i in range(len(archs))]
     meta = {
         "device": device.name,
@@ -658,14 +687,31 @@ def build_latency_table(space: SearchSpace, device, num_classes: int, *, calib_n
         "num_classes": num_classes,
         "batch_size": device.batch_size,
         "reference_ms": float(ref["median_ms"]),
-        "reference": {k: float(v) for k, v in ref.items()},
-        "method": measurement_method(device, rel_ci, max_repeats, max_seconds),
+        "reference": {**describe_reference(), **{k: float(v) for k, v in ref.items()}},
+        "method": {**measurement_method(device, rel_ci, max_repeats, max_seconds, warm_calls),
+                   "clean_fraction": clean_fraction(res)},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_avg": _load_avg(),
     }
     table = table_from_measurements(space, entries, _fixed_keys(items), archs, calib, meta,
                                     overhead_model=overhead_model)
     table.meta["build_seconds"] = round(time.perf_counter() - t0, 2)
     return table
+
+
+def clean_fraction(res: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """Fraction of the timed calls of a measurement that no other process interrupted (None when the
+    measurement did not watch for preemption)."""
+    stats = [v for v in res.values() if "clean" in v and "calls" in v]
+    calls = sum(int(v["calls"]) for v in stats)
+    return round(sum(int(v["clean"]) for v in stats) / calls, 4) if calls else None
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _fixed_keys(items: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
@@ -695,19 +741,20 @@ def table_from_measurements(space: SearchSpace, entries: Mapping[str, Mapping[st
 
 
 def measurement_method(device, rel_ci: float | None, max_repeats: int | None,
-                       max_seconds: float | None = None) -> dict[str, Any]:
+                       max_seconds: float | None = None, warm_calls: int = 0) -> dict[str, Any]:
     """How a table's numbers were measured (stored in the table)."""
     return {
         "statistic": "median of per-call ratios t_item / mean(t_ref_before, t_ref_after), times the "
                      "reference's median ms of the table pass",
-        "reference": "nas.devices.reference_module (conv3x3 16->32->16 + BN + ReLU6 on 16x16x16)",
         "warmup": getattr(device, "warmup", None),
         "repeats": getattr(device, "repeats", None),
         "rel_ci": rel_ci,
         "max_repeats": max_repeats,
         "max_seconds": max_seconds,
+        "warm_calls": warm_calls,
         "preempted_calls": "left out (adaptive mode, involuntary context switch during the call)",
         "threads": getattr(device, "threads", None),
+        "thread_pool": getattr(device, "thread_pool", None),
         "batch_size": getattr(device, "batch_size", None),
         "order": "shuffled rounds, one reference call between every two item calls",
     }
@@ -715,19 +762,24 @@ def measurement_method(device, rel_ci: float | None, max_repeats: int | None,
 
 def measure_archs(space: SearchSpace, archs: list[Arch], device, *, reference_ms: float | None = None,
                   progress: bool = False, desc: str = "measuring subnets", rel_ci: float | None = None,
-                  max_repeats: int | None = None, max_seconds: float | None = None) -> list[float]:
+                  max_repeats: int | None = None, max_seconds: float | None = None,
+                  warm_calls: int = DEFAULT_WARM_CALLS, details: list | None = None) -> list[float]:
     """End-to-end latency (ms) of each architecture's static net, in reference alternation.
 
     With ``reference_ms`` (a table's reference time) the result is the measured ratio to the
     reference times that value: in the table's own units, immune to the machine's speed drifting
     between the table's pass and this one. With ``rel_ci`` the measurement is adaptive (see
     :meth:`nas.devices.Device.measure`). On an :class:`AnalyticDevice` the nets are counted.
+    ``details`` (a list) receives the raw statistics of the measurement (one dict per net, then the
+    reference's).
     """
     if isinstance(device, AnalyticDevice):
         return [device.count(*arch_net(space, a)) for a in archs]
     items = {f"net{i}": arch_net(space, a) for i, a in enumerate(archs)}
     res = _measure(device, items, progress=progress, desc=desc, rel_ci=rel_ci, max_repeats=max_repeats,
-                   max_seconds=max_seconds)
+                   max_seconds=max_seconds, warm_calls=warm_calls)
+    if details is not None:
+        details.extend([dict(res[f"net{i}"]) for i in range(len(archs))] + [dict(res["__reference__"])])
     if reference_ms is not None:
         return [float(res[f"net{i}"]["ratio"]) * reference_ms for i in range(len(archs))]
     return [float(res[f"net{i}"]["median_ms"]) for i in range(len(archs))]

@@ -21,7 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .cli import CONF_DIR, make_device, make_space, user_errors
+from .cli import CONF_DIR, hydra_entry, make_device, make_space, user_errors
 from .errors import UserError
 
 MODES = ("build", "validate", "kit", "import")
@@ -107,7 +107,8 @@ def run_lut(cfg: DictConfig) -> float:
         manifest = export_kit(space, str(cfg.out), num_classes=num_classes, batch_size=device.batch_size,
                               threads=device.threads, warmup=device.warmup, repeats=device.repeats,
                               rel_ci=m.get("rel_ci"), max_repeats=int(m.max_repeats),
-                              max_seconds=m.get("max_seconds"), samples=int(cfg.samples),
+                              max_seconds=m.get("max_seconds"), warm_calls=int(m.get("warm_calls", 1)),
+                              samples=int(cfg.samples),
                               calib_nets=int(m.calib_nets), seed=int(cfg.seed), retest=bool(cfg.retest),
                               progress=_progress(cfg))
         kit = manifest.parent
@@ -123,6 +124,7 @@ def run_lut(cfg: DictConfig) -> float:
         table = build_latency_table(space, device, num_classes, calib_nets=int(m.calib_nets), seed=int(cfg.seed),
                                     progress=_progress(cfg), rel_ci=m.get("rel_ci"),
                                     max_repeats=int(m.max_repeats), max_seconds=m.get("max_seconds"),
+                                    warm_calls=int(m.get("warm_calls", 1)),
                                     overhead_model=m.get("overhead_model"))
         _print_table(table)
         table.save(path)
@@ -151,6 +153,13 @@ def _print_table(table) -> None:
           f"{ov['offset_ms']:+.4f} ms; fit on {ov['calibration_nets']} nets, RMSE {ov.get('fit_rmse_pct', 0):.1f}% "
           f"(leave-one-out per model: {ov.get('loo_rmse_pct')})")
     print(f"latency range of the space: {lo:.4f}-{hi:.4f} ms")
+    method = table.meta.get("method") or {}
+    if method.get("clean_fraction") is not None:
+        from .lut_validate import busy_warning
+
+        print(f"{100 * method['clean_fraction']:.0f}% of the timed calls ran uninterrupted "
+              f"(load average {table.meta.get('load_avg')})")
+        busy_warning(method["clean_fraction"])
 
 
 def _import(cfg: DictConfig, out_dir: Path) -> float:
@@ -176,11 +185,14 @@ def _import(cfg: DictConfig, out_dir: Path) -> float:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="lut")
 @user_errors
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     t0 = time.perf_counter()
     value = run_lut(cfg)
     print(f"nas-lut {cfg.mode}: done in {time.perf_counter() - t0:.0f} s")
     return value
+
+
+main = hydra_entry(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .cost import AnalyticDevice, LatencyTable, atomic_write_text, measure_archs, validation_archs
+from .cost import (AnalyticDevice, LatencyTable, atomic_write_text, clean_fraction, measure_archs,
+                   validation_archs)
 
 VALIDATION_FILE = "lut_validation.json"
 PLOT_FILE = "lut_validation.png"
@@ -107,17 +108,21 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
     rel_ci = method.get("rel_ci") if rel_ci is None else rel_ci
     max_repeats = method.get("max_repeats") if max_repeats is None else max_repeats
     max_seconds = method.get("max_seconds") if max_seconds is None else max_seconds
+    warm_calls = int(method.get("warm_calls", 0) or 0)
     labelled = validation_archs(space, num_classes, samples, seed)
     archs = [a for _, a in labelled]
     predicted = [table.predict(a) for a in archs]
     ref_ms = None if isinstance(device, AnalyticDevice) else table.meta.get("reference_ms")
     t0 = time.perf_counter()
-    kw = dict(reference_ms=ref_ms, rel_ci=rel_ci, max_repeats=max_repeats, max_seconds=max_seconds)
+    kw = dict(reference_ms=ref_ms, rel_ci=rel_ci, max_repeats=max_repeats, max_seconds=max_seconds,
+              warm_calls=warm_calls)
+    details: list[dict[str, Any]] = []
     measured = measure_archs(space, archs, device, progress=progress,
-                             desc=f"validating on {len(archs)} subnets", **kw)
+                             desc=f"validating on {len(archs)} subnets", details=details, **kw)
     second = None
     if retest:
-        second = measure_archs(space, archs, device, progress=progress, desc="re-measuring (test-retest)", **kw)
+        second = measure_archs(space, archs, device, progress=progress, desc="re-measuring (test-retest)",
+                               details=details, **kw)
     seconds = time.perf_counter() - t0
     calib = {tuple(sorted(c["choices"].items())) for c in (table.meta.get("overhead") or {}).get("calibration", [])}
     nets = []
@@ -146,6 +151,12 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
         summary["vs_retest"] = validation_stats(predicted, second)
     if not isinstance(device, AnalyticDevice):
         summary["load_avg"] = _load_avg()
+        summary["clean_fraction"] = clean_fraction({str(i): d for i, d in enumerate(details)})
+        table_ref = table.meta.get("reference_ms")
+        if details and table_ref:
+            now = float(details[len(archs)]["median_ms"])  # the reference of the first validation pass
+            summary["reference_ms"] = now
+            summary["reference_drift_pct"] = round(100.0 * (now / float(table_ref) - 1.0), 2)
     report = {"space": space.name, "space_fingerprint": space.fingerprint, "unit": table.unit,
               "summary": summary, "nets": nets}
     if update_meta:
@@ -215,7 +226,31 @@ def print_report(report: Mapping[str, Any], console=None, max_rows: int = 12) ->
                       f"table vs the second pass: {100 * s['vs_retest']['within_10pct']:.0f}% within +-10%, "
                       f"Spearman {s['vs_retest']['spearman']:.3f}")
     if s.get("load_avg"):
-        console.print(f"machine load average during validation (1/5/15 min): {s['load_avg']}")
+        console.print(f"machine load average after validation (1/5/15 min): {s['load_avg']}"
+                      + (f"; {100 * s['clean_fraction']:.0f}% of the timed calls ran uninterrupted"
+                         if s.get("clean_fraction") is not None else ""))
+    busy_warning(s.get("clean_fraction"), console.print)
+    drift_warning(s.get("reference_drift_pct"), console.print)
+
+
+def busy_warning(fraction: float | None, emit=print) -> None:
+    """Say so when other processes interrupted many of the timed calls."""
+    if fraction is not None and fraction < 0.5:
+        emit(f"warning: other processes interrupted {100 * (1 - fraction):.0f}% of the timed calls: this "
+             f"machine is busy, and the numbers are less trustworthy (those calls are left out while enough "
+             f"clean ones remain). Measure on an idle machine, or with fewer threads (hardware.threads=1).")
+
+
+#: Reference-block drift (percent) beyond which validation warns that the machine's state changed.
+DRIFT_WARN_PCT = 15.0
+
+
+def drift_warning(drift_pct: float | None, emit=print) -> None:
+    """Say so when the reference block runs at another speed than when the table was built."""
+    if drift_pct is not None and abs(drift_pct) > DRIFT_WARN_PCT:
+        emit(f"warning: the reference block now takes {drift_pct:+.0f}% of its time when the table was built: "
+             f"the machine is in another state (load, other processes, frequency). Ratios usually survive "
+             f"that, absolute ms may not; rebuild the table under the conditions the network will run in.")
 
 
 def summary_line(s: Mapping[str, Any]) -> str:

@@ -30,8 +30,9 @@ import torch
 
 from supernets.space import SearchSpace, SpaceError
 
-from ..cost import (DEFAULT_CALIB_NETS, DEFAULT_MAX_REPEATS, DEFAULT_MAX_SECONDS, DEFAULT_REL_CI, LatencyTable, arch_net,
-                    atomic_write_text, calibration_archs, table_from_measurements, table_items, validation_archs)
+from ..cost import (DEFAULT_CALIB_NETS, DEFAULT_MAX_REPEATS, DEFAULT_MAX_SECONDS, DEFAULT_REL_CI, DEFAULT_WARM_CALLS,
+                    LatencyTable, arch_net, atomic_write_text, calibration_archs, clean_fraction, describe_reference,
+                    table_from_measurements, table_items, validation_archs)
 from ..errors import UserError
 
 KIT_FORMAT = "hwnas-device-kit"
@@ -72,6 +73,7 @@ def _export(module: torch.nn.Module, input_shape, batch_size: int, path: Path) -
 def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_size: int = 1, threads: int = 2,
                warmup: int = 10, repeats: int = 50, rel_ci: float | None = DEFAULT_REL_CI,
                max_repeats: int = DEFAULT_MAX_REPEATS, max_seconds: float | None = DEFAULT_MAX_SECONDS,
+               warm_calls: int = DEFAULT_WARM_CALLS,
                samples: int = 100, calib_nets: int = DEFAULT_CALIB_NETS,
                seed: int = 0, retest: bool = True, progress: bool = True, log=print) -> Path:
     """Write a device kit for ``space`` into ``out`` (see the module docstring); returns the manifest."""
@@ -139,9 +141,10 @@ def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_s
         "torch": torch.__version__,
         "measure": {"threads": int(threads), "warmup": int(warmup), "repeats": int(repeats),
                     "max_repeats": int(max_repeats), "rel_ci": rel_ci, "seed": int(seed),
-                    "max_seconds": max_seconds},
+                    "max_seconds": max_seconds, "warm_calls": int(warm_calls)},
         "samples": int(samples),
-        "reference": {"file": "onnx/reference.onnx", "input_shape": list(ref_shape)},
+        "reference": {"file": "onnx/reference.onnx", "input_shape": list(ref_shape),
+                      **describe_reference()},
         "passes": passes,
         "items": items,
     }
@@ -223,9 +226,12 @@ def import_results(results: str | Path) -> tuple[LatencyTable, dict[str, Any] | 
         "num_classes": num_classes,
         "batch_size": int(manifest["batch_size"]),
         "reference_ms": ref_ms,
-        "reference": ref,
-        "method": {"statistic": "median ratio to the reference block (kit/measure.py)", **settings},
+        "reference": {**{k: v for k, v in manifest["reference"].items() if k not in ("file", "input_shape")},
+                      **ref},
+        "method": {"statistic": "median ratio to the reference (kit/measure.py)", **settings,
+                   "clean_fraction": clean_fraction({**table_pass["items"], "__reference__": ref})},
         "built_at": d.get("started_at"),
+        "load_avg": d.get("load_avg_start"),
         "build_seconds": table_pass.get("seconds"),
         "source": {"kit_results": str(Path(results).resolve()), "platform": d.get("platform"),
                    "load_avg_start": d.get("load_avg_start"), "load_avg_end": d.get("load_avg_end")},

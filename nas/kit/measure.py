@@ -11,11 +11,12 @@ then bring results.json back and import it where hwnas is installed:
     nas-lut mode=import results=results.json
 
 Method (the same as hwnas's own devices, see docs/latency.md): every ONNX file gets an
-``InferenceSession`` (CPU execution provider, ``intra_op_num_threads=--threads``, one inter-op
-thread, sequential execution, all graph optimisations) and a fixed random input. After warm-up,
-rounds visit the items in a shuffled order and every item call is followed by a call of the
-reference block; each item call gives ``ratio = t_item / mean(t_ref_before, t_ref_after)``
-(monotonic clock). An item's value is its median ratio; rounds continue for an item until the 95 %
+``InferenceSession`` (CPU execution provider, one intra-op thread pool of ``--threads`` threads
+shared by all sessions, one inter-op thread, sequential execution, all graph optimisations) and a
+fixed random input. After warm-up, rounds visit the items in a shuffled order and every item
+call is followed by a call of the reference; each timed call (item or reference) comes right after
+``warm_calls`` untimed ones (so it runs warm, as in a deployed loop); an item call gives
+``ratio = t_item / mean(t_ref_before, t_ref_after)`` (monotonic clock). An item's value is its median ratio; rounds continue for an item until the 95 %
 confidence interval of that median is within ``+-rel_ci`` or it had ``max_repeats`` calls. Calls
 during which the process was preempted (an involuntary context switch, where the OS reports them)
 are left out when enough clean calls remain. Three passes: ``table`` (blocks, fixed parts and
@@ -38,7 +39,7 @@ import numpy as np
 
 RESULTS_FORMAT = "hwnas-kit-results"
 RESULTS_VERSION = 1
-MIN_CLEAN_SAMPLES = 8
+MIN_CLEAN_SAMPLES = 3
 MIN_ROUNDS = 5
 
 
@@ -86,12 +87,33 @@ def usable(values, clean):
     return kept if len(kept) >= MIN_CLEAN_SAMPLES else values
 
 
+GLOBAL_POOL = {"threads": None}
+
+
+def use_global_pool(threads: int) -> bool:
+    """One intra-op thread pool shared by all sessions (as hwnas's onnxruntime device does): with a
+    pool per session, the idle workers of dozens of sessions keep spinning and slow everything."""
+    import onnxruntime as ort
+
+    if GLOBAL_POOL["threads"] is None:
+        try:
+            ort.set_global_thread_pool_sizes(int(threads), 1)
+            GLOBAL_POOL["threads"] = int(threads)
+        except Exception:  # noqa: BLE001
+            GLOBAL_POOL["threads"] = -1
+    return GLOBAL_POOL["threads"] == int(threads)
+
+
 def make_session(path: str, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    if use_global_pool(threads):
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -112,7 +134,7 @@ def make_call(kit_dir: str, spec: dict, batch_size: int, threads: int, seed: int
 
 
 def measure_pass(calls: dict, ref_call, *, warmup: int, repeats: int, rel_ci, max_repeats: int, seed: int,
-                 label: str, quiet: bool, max_seconds=None) -> dict:
+                 label: str, quiet: bool, max_seconds=None, warm_calls: int = 0) -> dict:
     """Time ``calls`` in alternation with ``ref_call`` (see the module docstring)."""
     names = list(calls)
     watch = rel_ci is not None and involuntary_switches() is not None
@@ -136,7 +158,11 @@ def measure_pass(calls: dict, ref_call, *, warmup: int, repeats: int, rel_ci, ma
     state = {}
 
     def step(n):
+        for _ in range(warm_calls):  # untimed: the timed call runs warm, as in a deployed loop
+            calls[n]()
         t_item, item_ok = timed(calls[n])
+        for _ in range(warm_calls):
+            ref_call()
         ref_after, ref_ok = timed(ref_call)
         ref_ns.append(ref_after)
         ref_clean.append(ref_ok)
@@ -198,7 +224,7 @@ def measure_pass(calls: dict, ref_call, *, warmup: int, repeats: int, rel_ci, ma
         v = values(n)
         ratio, spread = robust_stats(v)
         items[n] = {"median_ms": ratio * ref_ms, "ratio": ratio, "spread": spread, "count": len(v),
-                    "calls": len(ratios[n]), "ci": median_ci(v)}
+                    "calls": len(ratios[n]), "clean": sum(clean[n]), "ci": median_ci(v)}
     if not quiet:
         print(f"  {label}: {len(names)} items in {time.time() - t_start:.1f} s", file=sys.stderr, flush=True)
     return {"reference": {"median_ms": ref_ms, "spread": ref_spread, "count": len(ref_values),
@@ -237,6 +263,7 @@ def main(argv=None) -> int:
     rel_ci = m.get("rel_ci") if args.rel_ci is None else (args.rel_ci or None)
     seed = int(m.get("seed", 0))
     max_seconds = m.get("max_seconds") if args.max_seconds is None else (args.max_seconds or None)
+    warm_calls = int(m.get("warm_calls", 0))
     batch_size = int(manifest["batch_size"])
     passes = [p for p in manifest["passes"]] if not args.passes else args.passes.split(",")
     unknown = [p for p in passes if p not in manifest["passes"]]
@@ -261,7 +288,8 @@ def main(argv=None) -> int:
     ref_call = make_call(args.kit, manifest["reference"], batch_size, threads, seed)
     results = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "manifest": manifest, "device": device,
                "settings": {"threads": threads, "warmup": warmup, "repeats": repeats, "max_repeats": max_repeats,
-                            "rel_ci": rel_ci, "max_seconds": max_seconds, "seed": seed},
+                            "rel_ci": rel_ci, "max_seconds": max_seconds, "warm_calls": warm_calls,
+                            "seed": seed},  # + thread_pool below
                "platform": {"python": platform.python_version(), "system": platform.platform(),
                             "numpy": np.__version__, "cpu_count": os.cpu_count()},
                "started_at": started, "passes": {}}
@@ -279,8 +307,10 @@ def main(argv=None) -> int:
             print(f"pass {p}: {len(names)} items", file=sys.stderr, flush=True)
         results["passes"][p] = measure_pass(calls, ref_call, warmup=warmup, repeats=repeats, rel_ci=rel_ci,
                                             max_repeats=max_repeats, seed=seed + len(results["passes"]),
-                                            label=p, quiet=args.quiet, max_seconds=max_seconds)
+                                            label=p, quiet=args.quiet, max_seconds=max_seconds,
+                                            warm_calls=warm_calls)
     results["seconds"] = round(time.time() - t0, 2)
+    results["settings"]["thread_pool"] = "global" if GLOBAL_POOL["threads"] == threads else "per-session, no spinning"
     if hasattr(os, "getloadavg"):
         results["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
 
