@@ -552,40 +552,16 @@ class CpuDevice(Device):
         return call
 
 
-#: Intra-op size of the process-wide ONNX Runtime thread pool once this module created it; -1 when
-#: creating it failed (someone else made one first).
-_ORT_GLOBAL_POOL: int | None = None
-
-
-def _ort_global_pool(threads: int) -> bool:
-    """Whether sessions can share a process-wide ONNX Runtime thread pool of ``threads`` threads.
-
-    Measuring means many sessions alive at once (one per block); each with its own pool, the idle
-    worker threads of all of them keep spinning (40 sessions: 40 running threads, load average
-    above 40 on this 2-core machine, and every time inflated). One shared pool behaves like a
-    deployed model: one set of workers, warm. The pool is created once per process; a device
-    asking for another size falls back to per-session pools without spinning.
-    """
-    global _ORT_GLOBAL_POOL
-    if _ORT_GLOBAL_POOL is None:
-        import onnxruntime as ort
-
-        try:
-            ort.set_global_thread_pool_sizes(int(threads), 1)
-            _ORT_GLOBAL_POOL = int(threads)
-        except Exception:  # noqa: BLE001 - pools already created elsewhere in this process
-            _ORT_GLOBAL_POOL = -1
-    return _ORT_GLOBAL_POOL == int(threads)
-
-
 class OnnxRuntimeDevice(Device):
     """ONNX Runtime on the CPU (``CPUExecutionProvider``), float32.
 
     Each module is exported to ONNX in a temporary directory and loaded into an
     ``InferenceSession`` with ``threads`` intra-op threads, one inter-op thread, sequential
-    execution and all graph optimisations. All sessions of the process share one intra-op thread
-    pool (see :func:`_ort_global_pool`); where that is impossible (a pool of another size exists)
-    each session gets its own with spinning off (``thread_pool`` says which).
+    execution and all graph optimisations. Each session has its own intra-op pool with spinning
+    off: measuring keeps many sessions alive at once (one per block), and spinning idle workers of
+    all of them would inflate every time (40 sessions: load above 40 on a 2-core machine). A
+    process-wide pool (``set_global_thread_pool_sizes``) would avoid that too, but it makes every
+    later plain ``InferenceSession`` in the process fail, the user's own included.
 
     Options:
         opset: ONNX opset to export with (default: the exporter's default).
@@ -607,7 +583,7 @@ class OnnxRuntimeDevice(Device):
                 "hardware 'onnxruntime' needs the onnxruntime package, which is not installed; "
                 "run `pip install onnxruntime` or use hardware=cpu"
             ) from exc
-        self.thread_pool = "global" if _ORT_GLOBAL_POOL in (None, self.threads) else "per-session, no spinning"
+        self.thread_pool = "per-session, no spinning"
 
     def fingerprint(self) -> dict[str, Any]:
         import onnxruntime
@@ -623,14 +599,9 @@ class OnnxRuntimeDevice(Device):
         model = self._prepare_module(module, "cpu")
         x = self.example_input(input_shape)
         options = ort.SessionOptions()
-        if _ort_global_pool(self.threads):
-            self.thread_pool = "global"
-            options.use_per_session_threads = False
-        else:
-            self.thread_pool = "per-session, no spinning"
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
