@@ -16,8 +16,9 @@ shared by all sessions, one inter-op thread, sequential execution, all graph opt
 fixed random input. After warm-up, rounds visit the items in a shuffled order and every item
 call is followed by a call of the reference; each timed call (item or reference) comes right after
 ``warm_calls`` untimed ones (so it runs warm, as in a deployed loop); an item call gives
-``ratio = t_item / mean(t_ref_before, t_ref_after)`` (monotonic clock). An item's value is its median ratio; rounds continue for an item until the 95 %
-confidence interval of that median is within ``+-rel_ci`` or it had ``max_repeats`` calls. Calls
+``ratio = t_item / mean(t_ref_before, t_ref_after)`` (monotonic clock). An item's value is its
+median ratio; full rounds continue until the 95 % confidence interval of every item's median is
+within ``+-rel_ci`` or they had ``max_repeats`` calls. Calls
 during which the process was preempted (an involuntary context switch, where the OS reports them)
 are left out when enough clean calls remain. Three passes: ``table`` (blocks, fixed parts and
 calibration nets), ``validation`` (whole subnets), ``retest`` (the same subnets again).
@@ -208,8 +209,9 @@ def measure_pass(calls: dict, ref_call, *, warmup: int, repeats: int, rel_ci, ma
         pending = [n for n in names if len(ratios[n]) < cap and median_ci(values(n)) > rel_ci]
         if not pending:
             break
-        order_rng.shuffle(pending)
-        for n in pending:
+        order = [n for n in names if len(ratios[n]) < cap]  # full rounds: the same mix of states for all
+        order_rng.shuffle(order)
+        for n in order:
             step(n)
             done += 1
         if not quiet and time.time() - last_print > 2.0:
