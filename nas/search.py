@@ -135,11 +135,7 @@ def run_search(cfg: DictConfig) -> float:
 
     epochs = cfg.trainer.get("max_epochs")
     print(f"searching with {module.name}" + (f" for {epochs} epochs" if epochs else "") + f"; run folder {run_dir}")
-    # saved after the strategy's own epoch-end hook (history, LR schedule): a resume starts the next epoch
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
-                                        save_on_train_epoch_end=True,
-                                        every_n_epochs=cfg.checkpoint.get("every_n_epochs") or None,
-                                        every_n_train_steps=cfg.checkpoint.get("every_n_train_steps") or None)
+    ckpt = checkpoint_callback(ckpt_dir, cfg.checkpoint)
     trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=[ckpt, *progress_callbacks(cfg.progress)],
                          default_root_dir=str(run_dir))
     try:
@@ -154,6 +150,19 @@ def run_search(cfg: DictConfig) -> float:
             import wandb
 
             wandb.finish()
+
+
+def checkpoint_callback(ckpt_dir: Path, checkpoint_cfg) -> pl.callbacks.ModelCheckpoint:
+    """Writes ``ckpt_dir/last.ckpt`` after every ``every_n_epochs`` epochs (and ``every_n_train_steps``
+    steps), overwriting it: "top 1 without a monitor" keeps the latest save. It is written after the
+    strategy's own epoch-end hook (history, LR schedule), so a resume starts the next epoch.
+    (``save_last=True`` with ``save_top_k=0`` writes nothing before the end of fit in Lightning 2.6.)"""
+    import pytorch_lightning as pl
+
+    return pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
+                                        enable_version_counter=False, save_on_train_epoch_end=True,
+                                        every_n_epochs=checkpoint_cfg.get("every_n_epochs") or None,
+                                        every_n_train_steps=checkpoint_cfg.get("every_n_train_steps") or None)
 
 
 def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:

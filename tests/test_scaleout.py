@@ -144,3 +144,38 @@ def test_local_submitit_multirun_gives_each_job_its_own_export(tmp_path, smoke_s
 
     seeds = {json.loads((sweep / j / "export" / "report.json").read_text())["seed"] for j in ("0", "1")}
     assert seeds == {0, 1}
+
+
+def test_last_checkpoint_is_written_after_every_epoch(tmp_path):
+    """A preempted job must find last.ckpt from its latest finished epoch, not only after fit ends."""
+    import pytorch_lightning as pl
+    import torch
+    from omegaconf import OmegaConf
+
+    from nas.search import checkpoint_callback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.lin(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_epoch_start(self, trainer, _):
+            last = tmp_path / "last.ckpt"
+            seen.append(torch.load(last, weights_only=False)["epoch"] if last.exists() else None)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+    ckpt = checkpoint_callback(tmp_path, OmegaConf.create({"every_n_epochs": 1, "every_n_train_steps": None}))
+    trainer = pl.Trainer(max_epochs=3, callbacks=[ckpt, Spy()], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(Tiny(), data)
+    assert seen == [None, 0, 1]
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt"]
