@@ -288,11 +288,14 @@ def _prime(space, num_classes: int, path) -> None:
 
 def _run_worker(spec: Mapping[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
     env = dict(os.environ, PYTHONHASHSEED="0")
+    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "nas.bench_memory", json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker for {spec['name']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
 
 
 # ---------------------------------------------------------------------- timing (parent process)
@@ -347,8 +350,17 @@ def run_memory_suite(space, *, num_classes: int = 10, batch_size: int = 64, gate
     jobs = [dict(spec0, name=n, profile=(r == 0)) for r in range(repeats) for n in names]
     log(f"memory: {len(jobs)} subprocesses ({len(names)} configurations x {repeats} repeats, "
         f"{parallel} at a time)")
+    done = [0]
+
+    def run(spec):
+        r = _run_worker(spec)
+        done[0] += 1
+        log(f"  [{done[0]}/{len(jobs)}] {spec['name']}: {statistics.median(r['total_mb']):.1f} MB "
+            f"({r['seconds']:.0f} s)")
+        return r
+
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        results = list(pool.map(_run_worker, jobs))
+        results = list(pool.map(run, jobs))
     mem: dict[str, dict[str, Any]] = {}
     for n in names:
         rs = [r for r in results if r["name"] == n]

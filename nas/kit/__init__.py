@@ -9,9 +9,9 @@
       onnx/reference.onnx, onnx/e000.onnx ..., onnx/c000.onnx ..., onnx/v000.onnx ...
 
 Items are every table entry (searchable blocks at their shapes, stem, first block, head), the
-calibration subnets (measured in the same pass as the entries: they fit the overhead model) and the
-validation subnets (largest, smallest, random; measured in a separate pass, and again for the
-test-retest spread). The reference block of the alternation ships as ONNX too.
+calibration subnets (measured in a pass of their own right after the entries: they fit the overhead
+model) and the validation subnets (largest, smallest, random; measured in a separate pass, and again
+for the test-retest spread). The reference block of the alternation ships as ONNX too.
 
 ``import_results`` turns the runner's ``results.json`` into a :class:`~nas.cost.LatencyTable` (the
 same file format as ``nas-lut`` builds, usable with ``nas-search lut.path=...``) and its validation
@@ -93,13 +93,14 @@ def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_s
                        "role": v["role"], "fields": v["fields"]}
         todo.append((name, v["module"], v["input_shape"]))
     table_pass = list(items)
+    calib_pass = []
     for i, arch in enumerate(calibration_archs(space, num_classes, calib_nets, seed)):
         name = f"calib:{i}"
         net, shape = arch_net(space, arch)
         items[name] = {"file": f"onnx/c{i:03d}.onnx", "input_shape": list(shape), "kind": "calibration",
                        "choices": dict(arch.choices)}
         todo.append((name, net, shape))
-        table_pass.append(name)
+        calib_pass.append(name)
     valid_pass = []
     for i, (label, arch) in enumerate(validation_archs(space, num_classes, samples, seed)):
         name = f"valid:{label}"
@@ -126,6 +127,8 @@ def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_s
             if bar is not None:
                 b.advance(task)
     passes: dict[str, list[str]] = {"table": table_pass}
+    if calib_pass:
+        passes["calibration"] = calib_pass
     if valid_pass:
         passes["validation"] = valid_pass
         if retest:
@@ -214,9 +217,10 @@ def import_results(results: str | Path) -> tuple[LatencyTable, dict[str, Any] | 
                         "spread": float(r["spread"]), "count": int(r["count"]), "ci": r.get("ci"),
                         "calls": r.get("calls"), "role": v["role"], "fields": v["fields"]}
     fixed_parts = {v["role"]: k for k, v in expected.items() if v["role"] != "block"}
-    calib_names = [n for n in table_pass["items"] if items.get(n, {}).get("kind") == "calibration"]
+    calib_items = d["passes"].get("calibration", {}).get("items", {})
+    calib_names = [n for n in calib_items if items.get(n, {}).get("kind") == "calibration"]
     calib_archs = [space.make_arch(items[n]["choices"], num_classes) for n in calib_names]
-    calib_ms = [float(table_pass["items"][n]["ratio"]) * ref_ms for n in calib_names]
+    calib_ms = [float(calib_items[n]["ratio"]) * ref_ms for n in calib_names]
     device = dict(d["device"])
     settings = d.get("settings", {})
     meta = {

@@ -20,8 +20,9 @@ call is followed by a call of the reference; each timed call (item or reference)
 median ratio; full rounds continue until the 95 % confidence interval of every item's median is
 within ``+-rel_ci`` or they had ``max_repeats`` calls. Calls
 during which the process was preempted (an involuntary context switch, where the OS reports them)
-are left out when enough clean calls remain. Three passes: ``table`` (blocks, fixed parts and
-calibration nets), ``validation`` (whole subnets), ``retest`` (the same subnets again).
+are left out when enough clean calls remain. Four passes: ``table`` (blocks and fixed parts),
+``calibration`` (whole subnets that fit the overhead model), ``validation`` (other whole subnets),
+``retest`` (the same subnets again).
 """
 from __future__ import annotations
 
