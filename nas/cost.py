@@ -72,13 +72,23 @@ class LatencyTableWarning(UserWarning):
 
 
 class CostModel:
-    """Additive cost over a space: ``layer_costs[name][i]`` is the cost of candidate i of layer name."""
+    """Additive cost over a space: ``layer_costs[name][i]`` is the cost of candidate i of layer name.
+
+    Spaces with widths: a layer's cost also depends on its input and output channels, which are the
+    width choices of its stage and (for a stage's first layer) of the stage before. ``width_costs``
+    then holds ``{layer: {(op, in_chs, out_chs): cost}}`` and ``head_delta`` ``{last width: cost of the
+    head at that width minus at the widest}``; ``layer_costs`` / ``fixed`` are the costs at the widest
+    widths (what :meth:`expected` over op probabilities uses). :meth:`predict` and :meth:`bounds` are
+    exact over widths (bounds by dynamic programming along the chain of stages).
+    """
 
     kind = "cost"
     unit = ""
 
     def __init__(self, space: SearchSpace, layer_costs: Mapping[str, list[float]], fixed: float,
-                 meta: Mapping[str, Any] | None = None):
+                 meta: Mapping[str, Any] | None = None,
+                 width_costs: Mapping[str, Mapping[tuple[str, int, int], float]] | None = None,
+                 head_delta: Mapping[int, float] | None = None):
         self.space = space
         self.layer_costs = {k: [float(c) for c in v] for k, v in layer_costs.items()}
         self.fixed = float(fixed)
@@ -86,7 +96,54 @@ class CostModel:
         for layer in space.layers:
             if len(self.layer_costs.get(layer.name, [])) != len(layer.choices):
                 raise ValueError(f"cost model lacks costs for layer {layer.name}")
+        self.width_costs = ({k: {tuple(kk): float(vv) for kk, vv in v.items()} for k, v in width_costs.items()}
+                            if width_costs is not None else None)
+        self.head_delta = {int(k): float(v) for k, v in (head_delta or {}).items()}
+        if space.has_widths and self.width_costs is None:
+            raise ValueError(f"space {space.name!r} has widths: the cost model needs costs per width")
         self._tensors: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def layer_cost(self, layer, op: str, in_chs: int | None = None, out_chs: int | None = None) -> float:
+        """Cost of ``op`` in ``layer`` at the given channels (default: the widest)."""
+        if op == ZERO:
+            return 0.0
+        if self.width_costs is None or in_chs is None:
+            return self.layer_costs[layer.name][layer.choices.index(op)]
+        return self.width_costs[layer.name][(op, int(in_chs), int(out_chs))]
+
+    def _width_extreme(self, pick) -> tuple[float, dict[str, str]]:
+        """Cheapest (``pick=min``) or priciest (``max``) architecture over ops and widths: dynamic
+        programming over the stages (a stage's cost depends on its width and the one before it)."""
+        from supernets.space import width_choice, width_decision
+
+        sp = self.space
+        by_stage: dict[int, list] = {}
+        for layer in sp.layers:
+            by_stage.setdefault(layer.stage, []).append(layer)
+
+        def stage_cost(si: int, cin: int, cout: int) -> tuple[float, dict[str, str]]:
+            total, ops = 0.0, {}
+            for layer in by_stage[si]:
+                i = cin if layer.index == 0 else cout
+                op = pick(layer.choices, key=lambda o: self.layer_cost(layer, o, i, cout))
+                ops[layer.name] = op
+                total += self.layer_cost(layer, op, i, cout)
+            return total, ops
+
+        # best[w] = (cost up to and including this stage with output width w, choices)
+        best: dict[int, tuple[float, dict[str, str]]] = {sp.first.out_chs: (0.0, {})}
+        for si, ws in enumerate(sp.stage_widths, start=1):
+            nxt = {}
+            for w in ws:
+                options = []
+                for wp, (c, ch) in best.items():
+                    sc, ops = stage_cost(si, wp, w)
+                    options.append((c + sc, {**ch, **ops, width_decision(si): width_choice(w)}))
+                nxt[w] = pick(options, key=lambda t: t[0])
+            best = nxt
+        final = [(c + self.head_delta.get(w, 0.0), ch) for w, (c, ch) in best.items()]
+        c, ch = pick(final, key=lambda t: t[0])
+        return self.fixed + c, ch
 
     def _vec(self, name: str, like: torch.Tensor) -> torch.Tensor:
         key = (name, like.device, like.dtype)
@@ -97,6 +154,11 @@ class CostModel:
     def predict(self, arch: Arch) -> float:
         self.space.validate(arch)
         total = self.fixed
+        if self.width_costs is not None:
+            total += self.head_delta.get(self.space.last_width(arch), 0.0)
+            for layer, (cin, cout) in zip(self.space.layers, self.space.layer_chs(arch)):
+                total += self.layer_cost(layer, arch.choices[layer.name], cin, cout)
+            return total
         for layer in self.space.layers:
             total += self.layer_costs[layer.name][layer.choices.index(arch.choices[layer.name])]
         return total
@@ -112,16 +174,22 @@ class CostModel:
 
     def bounds(self) -> tuple[float, float]:
         """Cost of the cheapest and the most expensive architecture (exact: the model is additive)."""
+        if self.width_costs is not None:
+            return self._width_extreme(min)[0], self._width_extreme(max)[0]
         lo = self.fixed + sum(min(v) for v in self.layer_costs.values())
         hi = self.fixed + sum(max(v) for v in self.layer_costs.values())
         return lo, hi
 
     def cheapest(self, num_classes: int) -> Arch:
+        if self.width_costs is not None:
+            return self.space.make_arch(self._width_extreme(min)[1], num_classes)
         return self.space.make_arch(
             {l.name: l.choices[min(range(len(l.choices)), key=self.layer_costs[l.name].__getitem__)]
              for l in self.space.layers}, num_classes)
 
     def priciest(self, num_classes: int) -> Arch:
+        if self.width_costs is not None:
+            return self.space.make_arch(self._width_extreme(max)[1], num_classes)
         return self.space.make_arch(
             {l.name: l.choices[max(range(len(l.choices)), key=self.layer_costs[l.name].__getitem__)]
              for l in self.space.layers}, num_classes)
@@ -224,6 +292,22 @@ def _fixed_parts(space: SearchSpace, num_classes: int) -> dict[str, tuple[str, n
     }
 
 
+def head_key(space: SearchSpace, in_chs: int, num_classes: int) -> str:
+    fs = space.final_size
+    return f"head:in{fs}x{fs}x{in_chs}:f{space.head_chs}:cls{num_classes}"
+
+
+def _head_width_parts(space: SearchSpace, num_classes: int) -> dict[int, tuple[str, nn.Module, tuple[int, ...], dict]]:
+    """The head at every width of the last stage (spaces with widths; ``{}`` otherwise)."""
+    if not space.has_widths:
+        return {}
+    fs = space.final_size
+    return {w: (head_key(space, w, num_classes), Head(w, space.head_chs, num_classes, space.act), (w, fs, fs),
+                {"block": "head", "in_h": fs, "in_w": fs, "in_c": w, "features": space.head_chs,
+                 "classes": num_classes})
+            for w in space.stage_widths[-1]}
+
+
 def _fixed_modules(space: SearchSpace, num_classes: int) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     """Stem, first block and head as ``{key: (module, input shape (C, H, W))}``."""
     return {key: (module, shape) for key, module, shape, _ in _fixed_parts(space, num_classes).values()}
@@ -233,21 +317,26 @@ def _block_items(space: SearchSpace) -> dict[str, BlockSpec]:
     """Every distinct searchable block of the space, by :func:`entry_key`."""
     items: dict[str, BlockSpec] = {}
     for layer in space.layers:
-        for op in layer.choices:
-            spec = layer.spec(op)
-            if spec is not None:
-                items.setdefault(entry_key(spec), spec)
+        for cin, cout in layer.width_pairs():  # one pair (the layer's channels) in a space without widths
+            for op in layer.choices:
+                spec = layer.spec(op, cin, cout)
+                if spec is not None:
+                    items.setdefault(entry_key(spec), spec)
     return items
 
 
 def table_items(space: SearchSpace, num_classes: int) -> dict[str, dict[str, Any]]:
     """Everything a latency table measures: ``{key: {module, input_shape, role, fields}}``.
 
-    ``role`` is ``stem``, ``first`` or ``head`` for the fixed parts and ``block`` for searchable blocks.
+    ``role`` is ``stem``, ``first`` or ``head`` for the fixed parts, ``head_width`` for the head at the
+    narrower widths of the last stage (spaces with widths), and ``block`` for searchable blocks (at
+    every width pair of their layer).
     """
     items: dict[str, dict[str, Any]] = {}
     for role, (key, module, shape, fields) in _fixed_parts(space, num_classes).items():
         items[key] = {"module": module, "input_shape": tuple(shape), "role": role, "fields": fields}
+    for key, module, shape, fields in _head_width_parts(space, num_classes).values():
+        items.setdefault(key, {"module": module, "input_shape": tuple(shape), "role": "head_width", "fields": fields})
     for key, spec in _block_items(space).items():
         items.setdefault(key, {"module": make_block(spec, space.act),
                                "input_shape": (spec.in_chs, spec.in_size, spec.in_size),
@@ -280,6 +369,8 @@ def calibration_archs(space: SearchSpace, num_classes: int, n: int, seed: int = 
         for layer in space.layers:
             ops = [c for c in layer.choices if c != ZERO]
             choices[layer.name] = ZERO if ZERO in layer.choices and rng.random() < p_zero else rng.choice(ops)
+        for name in space.width_decisions():  # spaces with widths only (no draws otherwise)
+            choices[name] = rng.choice(space.decisions()[name])
         archs.append(space.make_arch(choices, num_classes))
     archs += [space.sample(num_classes, rng) for _ in range(rest - sparse)]
     return archs
@@ -304,11 +395,14 @@ def describe_reference() -> dict[str, Any]:
 def arch_features(space: SearchSpace, arch: Arch, entry_ms: Mapping[str, float],
                   fixed_keys: Sequence[str]) -> tuple[float, int]:
     """``(sum of the ms of the net's parts, number of searchable blocks)`` of ``arch``."""
+    if space.has_widths:  # the head at the arch's last width instead of the widest
+        widest = head_key(space, space.last_chs, arch.num_classes)
+        fixed_keys = [head_key(space, space.last_width(arch), arch.num_classes) if k == widest else k
+                      for k in fixed_keys]
     total = sum(entry_ms[k] for k in fixed_keys)
     blocks = 0
-    for layer in space.layers:
-        spec = layer.spec(arch.choices[layer.name])
-        if spec is not None:
+    for stage in space.block_specs(arch)[1:]:
+        for spec in stage:
             total += entry_ms[entry_key(spec)]
             blocks += 1
     return total, blocks
@@ -407,8 +501,8 @@ class LatencyTable(CostModel):
     kind = "latency"
     unit = "ms"
 
-    def __init__(self, space, layer_costs, fixed, meta=None, entries=None):
-        super().__init__(space, layer_costs, fixed, meta)
+    def __init__(self, space, layer_costs, fixed, meta=None, entries=None, width_costs=None, head_delta=None):
+        super().__init__(space, layer_costs, fixed, meta, width_costs, head_delta)
         self.entries: dict[str, dict[str, Any]] = dict(entries or {})
 
     @classmethod
@@ -438,6 +532,31 @@ class LatencyTable(CostModel):
                     continue
                 costs.append(scale * float(entries[key]["median_ms"]) + per_block)
             layer_costs[layer.name] = costs
+        width_costs, head_delta = None, None
+        if space.has_widths:
+            width_costs = {}
+            for layer in space.layers:
+                wc = {}
+                for cin, cout in layer.width_pairs():
+                    for op in layer.choices:
+                        spec = layer.spec(op, cin, cout)
+                        if spec is None:
+                            continue
+                        key = entry_key(spec)
+                        if key not in entries:
+                            missing.append(key)
+                            continue
+                        wc[(op, cin, cout)] = scale * float(entries[key]["median_ms"]) + per_block
+                width_costs[layer.name] = wc
+            num_classes = int((meta or {}).get("num_classes") or 0)
+            widest = fixed_parts.get("head")
+            head_delta = {}
+            for w in space.stage_widths[-1]:
+                key = head_key(space, w, num_classes) if num_classes else None
+                if key is None or key not in entries or widest not in entries:
+                    missing.append(key or f"head at width {w} (the table's meta lacks num_classes)")
+                    continue
+                head_delta[w] = scale * (float(entries[key]["median_ms"]) - float(entries[widest]["median_ms"]))
         if missing:
             raise UserError(f"latency table lacks {len(missing)} entries of space {space.name!r} (e.g. "
                             f"{missing[0]}); rebuild it with `{_rebuild_cmd(space.name, (meta or {}).get('device'))}`")
@@ -445,7 +564,7 @@ class LatencyTable(CostModel):
         m = dict(meta or {})
         m.update(fixed_parts=dict(fixed_parts), overhead=ov, scale=scale, overhead_ms=offset,
                  per_block_ms=per_block)
-        return cls(space, layer_costs, fixed, m, {k: dict(v) for k, v in entries.items()})
+        return cls(space, layer_costs, fixed, m, {k: dict(v) for k, v in entries.items()}, width_costs, head_delta)
 
     def with_overhead(self, overhead: Mapping[str, Any]) -> "LatencyTable":
         """The same entries under another overhead calibration."""
@@ -580,7 +699,14 @@ def _analytic(space: SearchSpace, num_classes: int, measure, cls) -> CostModel:
         layer.name: [0.0 if op == ZERO else costs[entry_key(layer.spec(op))] for op in layer.choices]
         for layer in space.layers
     }
-    return cls(space, layer_costs, fixed, {"num_classes": num_classes, "device": cls.kind})
+    width_costs, head_delta = None, None
+    if space.has_widths:
+        width_costs = {layer.name: {(op, i, o): costs[entry_key(layer.spec(op, i, o))]
+                                    for i, o in layer.width_pairs() for op in layer.choices if op != ZERO}
+                       for layer in space.layers}
+        heads = {w: measure(m, shape) for w, (_, m, shape, _) in _head_width_parts(space, num_classes).items()}
+        head_delta = {w: c - heads[space.last_chs] for w, c in heads.items()}
+    return cls(space, layer_costs, fixed, {"num_classes": num_classes, "device": cls.kind}, width_costs, head_delta)
 
 
 def build_flops_model(space: SearchSpace, num_classes: int) -> FlopsModel:
@@ -718,7 +844,7 @@ def _load_avg() -> list[float] | None:
 
 
 def _fixed_keys(items: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    return {v["role"]: k for k, v in items.items() if v["role"] != "block"}
+    return {v["role"]: k for k, v in items.items() if v["role"] in ("stem", "first", "head")}
 
 
 def table_from_measurements(space: SearchSpace, entries: Mapping[str, Mapping[str, Any]],

@@ -4,6 +4,13 @@ A space is plain data (``conf/space/<name>.yaml``): a stem, one fixed first bloc
 searchable layers, and a head. Each searchable layer is one *decision* whose choices are MBConv
 candidates (``k{kernel}_e{expand}``) plus ``zero`` (skip the layer) where the layer keeps its shape.
 
+Widths (optional): ``widths: [0.5, 0.75, 1.0]`` (multipliers of every stage's ``channels``, rounded
+to multiples of ``width_divisor``, 8 by default) or a stage's own ``widths: [16, 24]`` (channel
+counts) make the output channels of a stage one more decision, ``s{i}.width`` with choices
+``c{channels}``. One decision per stage, not per layer: the residual adds inside a stage tie the
+output channels of all its layers (coupled channels), so every choice is a valid network. A space
+without widths has exactly the decisions (and fingerprint) it had before widths existed.
+
 The space knows the shape of every layer, so it can describe each candidate as a timm block string
 (``ir_r1_k5_s2_e6_c24``), enumerate decisions, sample architectures and fingerprint itself.
 """
@@ -20,6 +27,34 @@ from .arch import Arch, ArchError
 
 ZERO = "zero"
 _OP_RE = re.compile(r"^k(\d+)_e(\d+)$")
+_WIDTH_RE = re.compile(r"^c(\d+)$")
+WIDTH_SUFFIX = ".width"
+
+
+def width_decision(stage: int) -> str:
+    """Name of the width decision of stage ``stage`` (1-based): ``s2.width``."""
+    return f"s{stage}{WIDTH_SUFFIX}"
+
+
+def width_choice(chs: int) -> str:
+    """A width choice as written in an Arch: ``c24`` (as the ``c`` of a timm block string)."""
+    return f"c{int(chs)}"
+
+
+def parse_width(choice: str) -> int:
+    m = _WIDTH_RE.match(str(choice))
+    if not m:
+        raise SpaceError(f"width choice {choice!r} is not of the form c<channels> (e.g. c24)")
+    return int(m.group(1))
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of ``divisor`` (at least ``divisor``), never more than 10 % below
+    ``v`` (the rule of timm / MobileNet for width multipliers)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new < 0.9 * v:
+        new += divisor
+    return new
 
 
 class SpaceError(ValueError):
@@ -85,13 +120,22 @@ class Layer:
     stride: int
     in_size: int
     choices: tuple[str, ...]
+    # width candidates of the input and output channels (empty: fixed at in_chs / out_chs, which are
+    # then the widest); in_chs / out_chs are always the largest
+    widths_in: tuple[int, ...] = ()
+    widths_out: tuple[int, ...] = ()
 
-    def spec(self, op: str) -> BlockSpec | None:
-        """The block for candidate ``op`` (``None`` for ``zero``)."""
+    def spec(self, op: str, in_chs: int | None = None, out_chs: int | None = None) -> BlockSpec | None:
+        """The block for candidate ``op`` (``None`` for ``zero``) at the given widths (default: widest)."""
         if op == ZERO:
             return None
         k, e = parse_op(op)
-        return BlockSpec("ir", self.in_chs, self.out_chs, k, e, self.stride, self.in_size)
+        return BlockSpec("ir", int(in_chs or self.in_chs), int(out_chs or self.out_chs), k, e, self.stride,
+                         self.in_size)
+
+    def width_pairs(self) -> list[tuple[int, int]]:
+        """Every (input, output) channel pair this layer can run at."""
+        return [(i, o) for i in (self.widths_in or (self.in_chs,)) for o in (self.widths_out or (self.out_chs,))]
 
 
 @dataclass(frozen=True)
@@ -107,6 +151,7 @@ class SearchSpace:
     in_chans: int = 3
     ops: tuple[str, ...] = ()
     spec_dict: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    stage_widths: tuple[tuple[int, ...], ...] = ()  # per stage, ascending; () = no width decisions
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -134,10 +179,14 @@ class SearchSpace:
         if int(stem.get("stride", 2)) != 2:
             raise SpaceError(f"space {name!r}: the stem stride is 2 (as in timm's EfficientNet)")
 
+        stage_widths = _parse_widths(name, d, stages)
+        if stage_widths:  # a stage's largest width is what its weights are built for
+            stages = [{**st, "channels": max(ws)} for st, ws in zip(stages, stage_widths)]
         size = conv_out(res, 2)
         stem_chs = int(stem["channels"])
         first_spec = BlockSpec("ds", stem_chs, int(first["channels"]), int(first.get("kernel", 3)), 1, 1, size)
         in_chs = first_spec.out_chs
+        in_widths: tuple[int, ...] = ()
         layers: list[Layer] = []
         counts: list[int] = []
         total_stride = 2
@@ -153,7 +202,13 @@ class SearchSpace:
                 # every stage keeps at least one block (as in ProxylessNAS)
                 zero_ok = allow_zero and li > 0 and s == 1 and in_chs == out
                 choices = ops + ((ZERO,) if zero_ok else ())
-                layers.append(Layer(f"s{si}.l{li}", si, li, in_chs, out, s, size, choices))
+                if stage_widths:
+                    w_out = stage_widths[si - 1]
+                    layers.append(Layer(f"s{si}.l{li}", si, li, in_chs, out, s, size, choices,
+                                        in_widths or (in_chs,), w_out))
+                    in_widths = w_out
+                else:
+                    layers.append(Layer(f"s{si}.l{li}", si, li, in_chs, out, s, size, choices))
                 size = conv_out(size, s)
                 in_chs = out
         if total_stride > 32:
@@ -170,6 +225,7 @@ class SearchSpace:
             in_chans=int(d.get("in_chans", 3)),
             ops=ops,
             spec_dict=_canonical(d),
+            stage_widths=stage_widths,
         )
 
     @classmethod
@@ -194,8 +250,42 @@ class SearchSpace:
         last = self.layers[-1] if self.layers else None
         return conv_out(last.in_size, last.stride) if last else self.first.out_size
 
+    @property
+    def has_widths(self) -> bool:
+        return bool(self.stage_widths)
+
     def decisions(self) -> dict[str, tuple[str, ...]]:
-        return {layer.name: layer.choices for layer in self.layers}
+        """Every decision and its choices: one per layer (ops), then one per stage (widths), if any."""
+        d = {layer.name: layer.choices for layer in self.layers}
+        for si, ws in enumerate(self.stage_widths, start=1):
+            d[width_decision(si)] = tuple(width_choice(w) for w in ws)
+        return d
+
+    def width_decisions(self) -> list[str]:
+        return [width_decision(si) for si in range(1, len(self.stage_widths) + 1)]
+
+    def widths(self, arch: Arch) -> list[int]:
+        """Output channels of every stage (1..N) in ``arch`` (the stage's channels without widths)."""
+        if not self.stage_widths:
+            return [self.layers[sum(self.stage_layers[:i])].out_chs for i in range(len(self.stage_layers))]
+        return [parse_width(arch.choices[width_decision(si)]) for si in range(1, len(self.stage_widths) + 1)]
+
+    def layer_chs(self, arch: Arch) -> list[tuple[int, int]]:
+        """(input, output) channels of every searchable layer in ``arch``."""
+        w = self.widths(arch)
+        out = []
+        for layer in self.layers:
+            o = w[layer.stage - 1]
+            if layer.index > 0:
+                i = o
+            else:
+                i = w[layer.stage - 2] if layer.stage > 1 else self.first.out_chs
+            out.append((i, o))
+        return out
+
+    def last_width(self, arch: Arch) -> int:
+        """Channels entering the head in ``arch``."""
+        return self.widths(arch)[-1] if self.layers else self.first.out_chs
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -209,8 +299,8 @@ class SearchSpace:
     def size(self) -> int:
         """Number of distinct architectures."""
         n = 1
-        for layer in self.layers:
-            n *= len(layer.choices)
+        for choices in self.decisions().values():
+            n *= len(choices)
         return n
 
     def make_arch(self, choices: Mapping[str, str], num_classes: int) -> Arch:
@@ -257,21 +347,23 @@ class SearchSpace:
     def largest(self, num_classes: int) -> Arch:
         """Every layer at its biggest op (largest kernel x expand, never zero)."""
         key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731  expand x kernel area
-        return self.make_arch({k: max((c for c in v if c != ZERO), key=key) for k, v in self.decisions().items()},
-                              num_classes)
+        choices = {l.name: max((c for c in l.choices if c != ZERO), key=key) for l in self.layers}
+        choices.update({width_decision(si): width_choice(max(ws)) for si, ws in enumerate(self.stage_widths, 1)})
+        return self.make_arch(choices, num_classes)
 
     def smallest(self, num_classes: int) -> Arch:
         """Every layer at zero where allowed, else its smallest op."""
         key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731
-        return self.make_arch(
-            {k: ZERO if ZERO in v else min(v, key=key) for k, v in self.decisions().items()}, num_classes
-        )
+        choices = {l.name: ZERO if ZERO in l.choices else min(l.choices, key=key) for l in self.layers}
+        choices.update({width_decision(si): width_choice(min(ws)) for si, ws in enumerate(self.stage_widths, 1)})
+        return self.make_arch(choices, num_classes)
 
     def block_specs(self, arch: Arch) -> list[list[BlockSpec]]:
         """Blocks per stage (stage 0 = the fixed first block), zero layers left out."""
         stages: list[list[BlockSpec]] = [[self.first]] + [[] for _ in self.stage_layers]
-        for layer in self.layers:
-            spec = layer.spec(arch.choices[layer.name])
+        chs = self.layer_chs(arch) if self.stage_widths else [(None, None)] * len(self.layers)
+        for layer, (cin, cout) in zip(self.layers, chs):
+            spec = layer.spec(arch.choices[layer.name], cin, cout)
             if spec is not None:
                 stages[layer.stage].append(spec)
         return stages
@@ -279,6 +371,37 @@ class SearchSpace:
     def arch_def(self, arch: Arch) -> list[list[str]]:
         """timm arch_def (list of stages of block strings) of the static net for ``arch``."""
         return [[b.timm_str() for b in stage] for stage in self.block_specs(arch)]
+
+
+def _parse_widths(name: str, d: Mapping[str, Any], stages: list[dict]) -> tuple[tuple[int, ...], ...]:
+    """Width candidates per stage from ``widths`` (multipliers of every stage) and stages' own
+    ``widths`` (channel counts); ``()`` when the space has none."""
+    glob = d.get("widths")
+    if glob is None and not any("widths" in st for st in stages):
+        return ()
+    divisor = int(d.get("width_divisor", 8))
+    if divisor < 1:
+        raise SpaceError(f"space {name!r}: width_divisor must be >= 1, got {divisor}")
+    out = []
+    for si, st in enumerate(stages, start=1):
+        base = int(st["channels"])
+        if "widths" in st:
+            ws = [w for w in st["widths"]]
+            bad = [w for w in ws if isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % divisor]
+            if bad or not ws:
+                raise SpaceError(f"space {name!r} stage {si}: widths are channel counts, positive multiples of "
+                                 f"{divisor} (width_divisor), got {list(ws)}")
+            chs = ws
+        elif glob is not None:
+            mults = list(glob)
+            if not mults or any(isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in mults):
+                raise SpaceError(f"space {name!r}: widths are positive multipliers of each stage's channels "
+                                 f"(e.g. [0.5, 0.75, 1.0]), got {mults}")
+            chs = [make_divisible(base * float(m), divisor) for m in mults]
+        else:
+            chs = [base]
+        out.append(tuple(sorted(set(int(c) for c in chs))))
+    return tuple(out)
 
 
 def _canonical(d: Mapping[str, Any]) -> dict:

@@ -16,17 +16,28 @@ from .arch import Arch
 from .blocks import Head, Stem, make_block, space_timm_net
 from .mixed import GATE_MODES, PHASES, MixedOp
 from .elastic import ElasticCandidate, ElasticWeights
-from .space import ZERO, Layer, SearchSpace, parse_op
+from .slimmable import BN_MODES, SlimCandidate, SlimHead
+from .space import ZERO, Layer, SearchSpace, parse_op, width_choice
 
 WEIGHT_SHARING = ("elastic", "separate")
 
 
 class Supernet(nn.Module):
-    def __init__(self, space: SearchSpace, num_classes: int, gate: str = "one", weight_sharing: str = "elastic"):
+    """``bn`` (spaces with widths only): ``switchable`` (one BatchNorm per width) or ``shared`` (one,
+    sliced; recalibrate before evaluating a width), see :mod:`supernets.slimmable`."""
+
+    def __init__(self, space: SearchSpace, num_classes: int, gate: str = "one", weight_sharing: str = "elastic",
+                 bn: str = "switchable"):
         super().__init__()
         if weight_sharing not in WEIGHT_SHARING:
             raise ValueError(f"weight_sharing {weight_sharing!r} unknown; choose one of {', '.join(WEIGHT_SHARING)}")
+        if bn not in BN_MODES:
+            raise ValueError(f"bn {bn!r} unknown; choose one of {', '.join(BN_MODES)}")
+        if space.has_widths and weight_sharing != "elastic":
+            raise ValueError(f"space {space.name!r} has widths: they slice shared weights, so weight_sharing must "
+                             f"be elastic")
         self.weight_sharing = weight_sharing
+        self.bn_mode = bn
         self.space = space
         self.num_classes = int(num_classes)
         self.stem = Stem(space.in_chans, space.stem_chs, space.act)
@@ -36,12 +47,16 @@ class Supernet(nn.Module):
         for layer in space.layers:
             stages[layer.stage].append(self._mixed_layer(layer))
         self.blocks = nn.ModuleList(stages)
-        self.head = Head(space.last_chs, space.head_chs, num_classes, space.act)
+        head_cls = SlimHead if space.has_widths else Head
+        self.head = head_cls(space.last_chs, space.head_chs, num_classes, space.act)
         efficientnet_init_weights(self)  # conv/BN/linear modules; elastic weights init themselves
         with torch.no_grad():
             for m in self.mixed_ops():
                 m.alpha.zero_()
         self.set_gate(gate)
+        self.widths: list[int] = [max(ws) for ws in space.stage_widths]
+        if space.has_widths:
+            self.set_widths(self.widths)
 
     def _mixed_layer(self, layer: Layer) -> MixedOp:
         ops = [op for op in layer.choices if op != ZERO]
@@ -49,7 +64,10 @@ class Supernet(nn.Module):
         if self.weight_sharing == "elastic":
             shared = ElasticWeights(layer.in_chs, layer.out_chs, max(parse_op(o)[0] for o in ops),
                                     max(parse_op(o)[1] for o in ops))
-            make = lambda op: ElasticCandidate(shared, layer, op, self.space.act)  # noqa: E731
+            if self.space.has_widths:
+                make = lambda op: SlimCandidate(shared, layer, op, self.space.act, self.bn_mode)  # noqa: E731
+            else:
+                make = lambda op: ElasticCandidate(shared, layer, op, self.space.act)  # noqa: E731
         else:
             make = lambda op: make_block(layer.spec(op), self.space.act)  # noqa: E731
         cands = [nn.Identity() if op == ZERO else make(op) for op in layer.choices]
@@ -106,20 +124,38 @@ class Supernet(nn.Module):
         for m in self.mixed_ops():
             m.rescale_pair()
 
+    def set_widths(self, widths) -> None:
+        """Output channels of every stage (a list, stage 1 first; each one of the stage's widths)."""
+        widths = [int(w) for w in widths]
+        sw = self.space.stage_widths
+        if len(widths) != len(sw) or any(w not in ws for w, ws in zip(widths, sw)):
+            raise ValueError(f"widths {widths} do not fit space {self.space.name!r} (per stage: {[list(w) for w in sw]})")
+        self.widths = widths
+        for layer, m in zip(self.space.layers, self.mixed_ops()):
+            if m.shared is not None:
+                m.shared.out_width = widths[layer.stage - 1]
+
+    def width_choices(self) -> dict[str, str]:
+        return {n: width_choice(w) for n, w in zip(self.space.width_decisions(), self.widths)}
+
     def set_active(self, arch: Arch) -> None:
         """Fix every choice to ``arch`` (a static path, whatever the gate mode)."""
         self.space.validate(arch)
         for name, m in self.named_mixed_ops():
             m.set_choice(arch.choices[name])
+        if self.space.has_widths:
+            self.set_widths(self.space.widths(arch))
 
     def active_arch(self) -> Arch:
-        return self.space.make_arch({n: m.names[m.active] for n, m in self.named_mixed_ops()}, self.num_classes)
+        return self.space.make_arch({**{n: m.names[m.active] for n, m in self.named_mixed_ops()},
+                                     **self.width_choices()}, self.num_classes)
 
     def probs(self) -> dict[str, torch.Tensor]:
         return {n: m.probs() for n, m in self.named_mixed_ops()}
 
     def argmax_arch(self) -> Arch:
-        return self.space.make_arch({n: m.argmax() for n, m in self.named_mixed_ops()}, self.num_classes)
+        return self.space.make_arch({**{n: m.argmax() for n, m in self.named_mixed_ops()}, **self.width_choices()},
+                                    self.num_classes)
 
     # ------------------------------------------------------------------ forward / extract
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,16 +174,22 @@ class Supernet(nn.Module):
         for k, v in self.blocks[0].state_dict().items():
             out[f"blocks.0.{k}"] = v
         kept = [0] * len(self.blocks)
-        for layer, m in zip(self.space.layers, self.mixed_ops()):
+        chs = self.space.layer_chs(arch)
+        for layer, m, (cin, cout) in zip(self.space.layers, self.mixed_ops(), chs):
             op = arch.choices[layer.name]
             if op == ZERO:
                 continue
             cand = m.candidates[m.names.index(op)]
-            sd = cand.timm_state_dict() if isinstance(cand, ElasticCandidate) else cand.state_dict()
+            if isinstance(cand, SlimCandidate):
+                sd = cand.timm_state_dict(cin, cout)
+            else:
+                sd = cand.timm_state_dict() if isinstance(cand, ElasticCandidate) else cand.state_dict()
             for k, v in sd.items():
                 out[f"blocks.{layer.stage}.{kept[layer.stage]}.{k}"] = v
             kept[layer.stage] += 1
-        for k, v in self.head.state_dict().items():
+        head = (self.head.timm_state_dict(self.space.last_width(arch)) if isinstance(self.head, SlimHead)
+                else self.head.state_dict())
+        for k, v in head.items():
             out[k] = v
         return {k: v.detach().clone() for k, v in out.items()}
 

@@ -1,0 +1,204 @@
+"""Slimmable widths (issue 4): width decisions in the space, slimmable layers, the sandwich-rule
+strategy, BN calibration, the greedy (AutoSlim) width search and its exports."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from supernets.arch import ArchError
+from supernets.blocks import make_block
+from supernets.space import BlockSpec, SearchSpace, SpaceError
+from supernets.supernet import Supernet
+
+REPO = Path(__file__).resolve().parents[1]
+SLIM = REPO / "conf" / "space" / "mbv2_tiny_slim.yaml"
+TINY = REPO / "conf" / "space" / "mbv2_tiny.yaml"
+
+
+def slim_space(**changes) -> SearchSpace:
+    import yaml
+
+    d = yaml.safe_load(SLIM.read_text())
+    d.update(changes)
+    return SearchSpace.from_dict(d)
+
+
+def randomise_bn(net: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so that equality tests test them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+
+
+# ---------------------------------------------------------------------- 1. widths in the space
+def test_space_without_widths_is_unchanged():
+    space = SearchSpace.from_yaml(TINY)
+    assert not space.has_widths
+    assert all(".width" not in k for k in space.decisions())
+    assert list(space.decisions()) == [layer.name for layer in space.layers]
+    # the fingerprint the space had before widths existed (caches and exports are keyed by it)
+    assert space.fingerprint == "1883facc4f95"
+    assert space.size() == 21781872
+
+
+def test_width_decisions_one_per_stage_multiples_of_8():
+    space = SearchSpace.from_yaml(SLIM)
+    dec = space.decisions()
+    assert space.width_decisions() == ["s1.width", "s2.width", "s3.width", "s4.width"]
+    # multipliers 0.25/0.5/0.75/1.0 of 16, 24, 32, 64, rounded to multiples of 8 (never below 8)
+    assert dec["s1.width"] == ("c8", "c16")
+    assert dec["s2.width"] == ("c8", "c16", "c24")
+    assert dec["s3.width"] == ("c8", "c16", "c24", "c32")
+    assert dec["s4.width"] == ("c16", "c32", "c48", "c64")
+    assert all(w % 8 == 0 for ws in space.stage_widths for w in ws)
+    assert space.size() == 2 * 3 * 4 * 4
+    explicit = slim_space(widths=None, stages=[{"channels": 16, "layers": 2, "stride": 2, "widths": [8, 16]},
+                                               {"channels": 24, "layers": 1, "stride": 2}])
+    assert explicit.decisions()["s1.width"] == ("c8", "c16") and explicit.decisions()["s2.width"] == ("c24",)
+
+
+def test_coupled_layers_share_their_stage_width():
+    space = SearchSpace.from_yaml(SLIM)
+    rng = random.Random(0)
+    for _ in range(20):
+        arch = space.sample(10, rng)
+        widths = space.widths(arch)
+        for si, stage in enumerate(space.arch_def(arch)[1:]):
+            assert {b.split("_c")[-1] for b in stage} == {str(widths[si])}, (stage, widths)
+        for layer, (cin, cout) in zip(space.layers, space.layer_chs(arch)):
+            assert cout == widths[layer.stage - 1]
+            if layer.index > 0:
+                assert cin == cout  # the residual add inside the stage: always valid
+
+
+def test_width_validation_names_decision_and_allowed():
+    space = SearchSpace.from_yaml(SLIM)
+    arch = space.largest(10)
+    with pytest.raises(ArchError, match=r"s2\.width.*c40.*allowed: c8, c16, c24"):
+        space.validate(arch.replace(**{"s2.width": "c40"}))
+    bad = dict(arch.choices)
+    del bad["s3.width"]
+    with pytest.raises(ArchError, match=r"missing: s3\.width"):
+        space.validate(type(arch)(arch.space, arch.fingerprint, arch.resolution, 10, bad))
+    with pytest.raises(SpaceError, match="multiples of 8"):
+        slim_space(stages=[{"channels": 16, "layers": 1, "stride": 2, "widths": [12, 16]}])
+    with pytest.raises(SpaceError, match="positive multipliers"):
+        slim_space(widths=[0.5, -1])
+
+
+# ---------------------------------------------------------------------- 2. slimmable layers
+def test_slice_keeps_leading_channels_and_matches_hand_built_layer():
+    """A narrow candidate equals a timm InvertedResidual built by hand from the leading channels."""
+    space = SearchSpace.from_yaml(SLIM)
+    torch.manual_seed(0)
+    for bn in ("switchable", "shared"):
+        net = Supernet(space, 10, bn=bn)
+        randomise_bn(net, 1)
+        layer, m = space.layers[3], list(net.mixed_ops())[3]  # s2.l1: 24 -> 24 at its widest, residual
+        cand = m.candidates[0]
+        cin = cout = 16
+        net.set_widths([16, 16, 32, 64])
+        ref = make_block(BlockSpec("ir", cin, cout, 3, 6, 1, layer.in_size)).eval()
+        mid = 96
+        with torch.no_grad():
+            ref.conv_pw.weight.copy_(m.shared.conv_pw[:mid, :cin])
+            ref.conv_dw.weight.copy_(m.shared.conv_dw[:mid])
+            ref.conv_pwl.weight.copy_(m.shared.conv_pwl[:cout, :mid])
+            bns = cand.bns(cin, cout)
+            for name, src, c in zip(("bn1", "bn2", "bn3"), bns, (mid, mid, cout)):
+                dst = getattr(ref, name)
+                for t in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(dst, t).copy_(getattr(src, t)[:c])
+        x = torch.randn(2, cin, layer.in_size, layer.in_size)
+        cand.eval()
+        torch.testing.assert_close(cand(x), ref(x), rtol=0, atol=0)
+        assert ref.has_skip
+
+
+@pytest.mark.parametrize("bn", ["switchable", "shared"])
+def test_extract_equals_supernet_for_nonuniform_widths(bn):
+    space = SearchSpace.from_yaml(SLIM)
+    torch.manual_seed(0)
+    net = Supernet(space, 10, bn=bn)
+    randomise_bn(net, 2)
+    net.eval()
+    x = torch.randn(3, 3, 32, 32)
+    rng = random.Random(3)
+    archs = [space.largest(10), space.smallest(10)] + [space.sample(10, rng) for _ in range(6)]
+    assert any(len(set(space.widths(a))) > 1 for a in archs)
+    for arch in archs:
+        net.set_active(arch)
+        sub = net.extract(arch).eval()
+        assert type(sub).__module__.startswith("timm")
+        torch.testing.assert_close(sub(x), net(x), rtol=0, atol=0)
+        chans = [b.conv_pwl.out_channels for stage in sub.blocks[1:] for b in stage]
+        assert chans == [w for layer, (_, w) in zip(space.layers, space.layer_chs(arch))]
+
+
+def test_switchable_bn_has_one_bn_per_width_shared_has_one():
+    space = SearchSpace.from_yaml(SLIM)
+    sw = Supernet(space, 10, bn="switchable")
+    sh = Supernet(space, 10, bn="shared")
+    cand_sw = list(sw.mixed_ops())[2].candidates[0]  # s2.l0: input widths of s1 (8, 16), outputs of s2
+    assert sorted(cand_sw.bn1.keys()) == ["16", "8"]
+    assert sorted(cand_sw.bn3.keys()) == sorted(f"{i}_{o}" for i in (8, 16) for o in (8, 16, 24))
+    cand_sh = list(sh.mixed_ops())[2].candidates[0]
+    assert isinstance(cand_sh.bn1, nn.BatchNorm2d) and cand_sh.bn3.num_features == 24
+    # training a narrow width in shared mode moves only the leading statistics
+    sh.train()
+    sh.set_widths([8, 8, 8, 16])
+    before = cand_sh.bn3.running_mean.clone()
+    sh(torch.randn(4, 3, 32, 32))
+    after = cand_sh.bn3.running_mean
+    assert not torch.equal(after[:8], before[:8]) and torch.equal(after[8:], before[8:])
+
+
+# ---------------------------------------------------------------------- 6. cost per width
+def test_cost_models_key_blocks_by_channels():
+    from nas.cost import LatencyTable, _fixed_keys, arch_net, build_flops_model, count_flops, table_items
+
+    space = SearchSpace.from_yaml(SLIM)
+    items = table_items(space, 10)
+    blocks = [v["fields"] for v in items.values() if v["role"] == "block"]
+    # every (input, output) width pair of every layer is an entry: s2.l0 alone has 2 x 3
+    s2l0 = {(f["in_c"], f["out_c"]) for f in blocks if f["in_h"] == 8 and f["stride"] == 2}
+    assert s2l0 == {(i, o) for i in (8, 16) for o in (8, 16, 24)}
+    assert sum(v["role"] == "head_width" for v in items.values()) == 3
+    flops = build_flops_model(space, 10)
+    rng = random.Random(0)
+    archs = [space.largest(10), space.smallest(10)] + [space.sample(10, rng) for _ in range(4)]
+    for arch in archs:  # FLOPs are exact: the additive model equals the count of the whole net
+        assert flops.predict(arch) == pytest.approx(count_flops(*arch_net(space, arch)) / 1e6, rel=1e-9)
+    lo, hi = flops.bounds()
+    assert lo == pytest.approx(flops.predict(space.smallest(10))) and hi == pytest.approx(flops.predict(space.largest(10)))
+    # a latency table from entries (here: each item's FLOPs as its "ms") predicts per width the same way
+    entries = {k: {"median_ms": count_flops(v["module"], v["input_shape"]) / 1e6} for k, v in items.items()}
+    table = LatencyTable.from_entries(space, entries, _fixed_keys(items), {"scale": 1.0, "offset_ms": 0.5},
+                                      {"num_classes": 10})
+    for arch in archs:
+        assert table.predict(arch) == pytest.approx(flops.predict(arch) + 0.5)
+    del entries[next(k for k, v in items.items() if v["role"] == "head_width")]
+    from nas.errors import UserError
+
+    with pytest.raises(UserError, match="lacks 1 entries"):
+        LatencyTable.from_entries(space, entries, _fixed_keys(items), None, {"num_classes": 10})
+
+
+def test_tables_of_spaces_without_widths_are_unchanged():
+    from nas.cost import table_items
+
+    space = SearchSpace.from_yaml(TINY)
+    items = table_items(space, 10)
+    assert {v["role"] for v in items.values()} == {"stem", "first", "head", "block"}
+    expected = {f"{layer.spec(op).key()}" for layer in space.layers for op in layer.choices if op != "zero"}
+    assert {k for k, v in items.items() if v["role"] == "block"} == expected
