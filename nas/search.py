@@ -191,7 +191,9 @@ def _finish(cfg, trainer, module, logger, *, space, datamodule, device, cost_mod
             out = base if len(archs) == 1 else base / label
             reports.append(export_arch(label, arch, module=module, space=space, datamodule=datamodule,
                                        device=device, cost_model=cost_model, out_dir=out, cfg=cfg,
-                                       search_seconds=search_seconds, target=target))
+                                       search_seconds=search_seconds,
+                                       target=module.export_target(label, target) if hasattr(module, "export_target")
+                                       else target))
         if logger:
             logger.log_metrics({"export/val_acc": reports[0]["val_acc"],
                                 "export/latency_pred_ms": reports[0]["latency_ms"]["predicted"]})

@@ -202,3 +202,202 @@ def test_tables_of_spaces_without_widths_are_unchanged():
     assert {v["role"] for v in items.values()} == {"stem", "first", "head", "block"}
     expected = {f"{layer.spec(op).key()}" for layer in space.layers for op in layer.choices if op != "zero"}
     assert {k for k, v in items.items() if v["role"] == "block"} == expected
+
+
+# ---------------------------------------------------------------------- 3. the strategy
+def _strategy(bn: str = "switchable", **kw):
+    from nas.cost import build_flops_model
+    from nas.strategies.slimmable import SlimmableSearch
+
+    space = SearchSpace.from_yaml(SLIM)
+    torch.manual_seed(0)
+    return SlimmableSearch(Supernet(space, 10), build_flops_model(space, 10), bn=bn, **kw)
+
+
+def _fit(module, batches: int = 3, epochs: int = 1):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(8 * batches, 3, 32, 32, generator=g), torch.randint(10, (8 * batches,), generator=g))
+    trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, train_dataloaders=DataLoader(ds, batch_size=8))
+    return trainer
+
+
+def test_sandwich_trains_widest_narrowest_and_n_random_each_step():
+    module = _strategy(n_random=3, targets=[0.8])
+    seen_steps: list[list[list[int]]] = []
+    forwards: list[list[int]] = []
+    module.supernet.register_forward_pre_hook(lambda m, args: forwards.append(list(m.widths)))
+    orig = module.training_step
+
+    def step(batch, batch_idx):
+        out = orig(batch, batch_idx)
+        seen_steps.append([list(w) for w in module.last_sandwich])
+        return out
+
+    module.training_step = step
+    _fit(module, batches=4)
+    space = module.supernet.space
+    assert len(seen_steps) == 4
+    for configs in seen_steps:
+        assert len(configs) == 2 + 3
+        assert configs[0] == [16, 24, 32, 64] and configs[1] == [8, 8, 8, 16]
+        assert all(w in ws for c in configs[2:] for w, ws in zip(c, space.stage_widths))
+    # every sampled width ran a forward, in order (widest first: the teacher)
+    assert forwards == [c for configs in seen_steps for c in configs]
+    randoms = {tuple(c) for configs in seen_steps for c in configs[2:]}
+    assert len(randoms) > 1  # random, not a fixed middle width
+    assert module.search_cost["images"] == 32 and module.history[-1]["epoch"] == 0
+    assert {"loss_widest", "loss_narrowest", "loss_random"} <= set(module.history[-1])
+
+
+def test_inplace_distillation_is_on_by_default_and_uses_the_detached_widest(monkeypatch):
+    import yaml
+
+    import nas.strategies.slimmable as slim
+
+    conf = yaml.safe_load((REPO / "conf" / "strategy" / "slimmable.yaml").read_text())
+    assert conf["module"]["distill"] is True and conf["module"]["n_random"] == 2
+    module = _strategy(targets=[0.8])
+    assert module.distill is True
+    outputs, calls = [], []
+    module.supernet.register_forward_hook(lambda m, args, out: outputs.append(out))
+    real = slim.soft_cross_entropy
+
+    def spy(logits, teacher, temperature=1.0):
+        calls.append((logits, teacher))
+        return real(logits, teacher, temperature)
+
+    monkeypatch.setattr(slim, "soft_cross_entropy", spy)
+    _fit(module, batches=1)
+    assert len(outputs) == 4 and len(calls) == 3  # widest learns the labels; narrowest + 2 random learn from it
+    widest = outputs[0]
+    for logits, teacher in calls:
+        assert teacher.grad_fn is None and not teacher.requires_grad  # no gradient into the teacher pass
+        torch.testing.assert_close(teacher, torch.softmax(widest.detach(), 1))
+        assert logits.grad_fn is not None
+    # and the loss differs from the labels' cross-entropy (it is not silently off)
+    x_logits, teacher = calls[0]
+    assert not torch.allclose(real(x_logits, teacher), torch.nn.functional.cross_entropy(x_logits, teacher.argmax(1)))
+    calls.clear()
+    outputs.clear()
+    off = _strategy(targets=[0.8], distill=False)
+    _fit(off, batches=1)
+    assert calls == []
+
+
+def test_channel_reordering_keeps_the_widest_function():
+    from supernets.slimmable import reorder_channels
+
+    space = SearchSpace.from_yaml(SLIM)
+    x = torch.randn(2, 3, 32, 32)
+    for bn in ("switchable", "shared"):
+        torch.manual_seed(1)
+        net = Supernet(space, 10, bn=bn)
+        randomise_bn(net, 3)
+        net.eval()
+        before = net(x)
+        perms = reorder_channels(net, "l1")
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+        for si, m in enumerate(m for _, m in net.named_mixed_ops()):
+            norms = m.shared.conv_pw.abs().sum(dim=(1, 2, 3))
+            assert torch.all(norms[:-1] >= norms[1:])  # expanded channels: most important first
+        assert sorted(perms["s4"]) == list(range(64))
+
+
+# ---------------------------------------------------------------------- 4. BN calibration
+def test_bn_calibration_is_the_exact_cumulative_statistics():
+    from supernets.bn import calibrate_bn
+
+    space = SearchSpace.from_yaml(SLIM)
+    torch.manual_seed(0)
+    net = Supernet(space, 10, bn="shared")
+    arch = space.make_arch({**{l.name: "k3_e6" for l in space.layers},
+                            "s1.width": "c8", "s2.width": "c24", "s3.width": "c16", "s4.width": "c48"}, 10)
+    sub = net.extract(arch)
+    randomise_bn(sub, 4)  # stale statistics that calibration must replace
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 3, 32, 32, generator=g) * (1 + i), torch.zeros(6)) for i in range(4)]
+    bns = [m for m in sub.modules() if isinstance(m, nn.BatchNorm2d)]
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(bns))}
+    hooks = [bn.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].detach().clone()))
+             for i, bn in enumerate(bns)]
+    for bn in bns:
+        bn.momentum = 0.1  # calibration ignores the configured momentum
+    assert calibrate_bn(sub, batches) == 4
+    for h in hooks:
+        h.remove()
+    for i, bn in enumerate(bns):
+        xs = inputs[i]
+        assert len(xs) == 4
+        mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in xs]).mean(0)
+        var = torch.stack([x.transpose(0, 1).flatten(1).var(1, unbiased=True) for x in xs]).mean(0)
+        full = torch.cat(xs).mean(dim=(0, 2, 3))  # equal batch sizes: the mean of a full pass
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.running_mean, full, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-5)
+        assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 4
+    assert not sub.training
+
+
+# ---------------------------------------------------------------------- 5. greedy width search
+def test_greedy_search_one_arch_per_target_under_target_and_monotone():
+    from nas.cost import build_flops_model
+    from nas.strategies.slimmable import greedy_slim
+
+    space = SearchSpace.from_yaml(SLIM)
+    flops = build_flops_model(space, 10)
+    base = {l.name: "k3_e6" for l in space.layers}
+    calls = []
+
+    def fake_acc(arch):  # stage 4's width costs no accuracy, stage 1's the most: a rule we can check by hand
+        calls.append(arch)
+        w = space.widths(arch)
+        return 1.0 - 0.05 * (16 - w[0]) / 8 - 0.02 * (24 - w[1]) / 8 - 0.01 * (32 - w[2]) / 8
+
+    hi = flops.predict(space.largest(10))
+    targets = {"t0.80": 0.8 * hi, "t0.60": 0.6 * hi, "t0.40": 0.4 * hi}
+    found, rows = greedy_slim(space, base, 10, flops.predict, fake_acc, targets)
+    assert list(found) == ["t0.80", "t0.60", "t0.40"]
+    costs = [found[k]["cost"] for k in found]
+    for label, f in found.items():
+        assert f["cost"] <= targets[label] and flops.predict(f["arch"]) == pytest.approx(f["cost"])
+    assert costs == sorted(costs, reverse=True)
+    chosen = [r for r in rows if r["chosen"]]
+    # each target's arch is the first on the greedy path at or under it
+    for label, f in found.items():
+        before = [r for r in chosen if r["step"] < f["step"]]
+        assert all(r["cost"] > targets[label] for r in before)
+    # the first steps narrow stage 4 (free in accuracy) until it is at its narrowest
+    assert [r["stage"] for r in chosen[1:4]] == [4, 4, 4]
+    assert len(calls) == len({tuple(space.widths(a)) for a in calls})  # each network evaluated once
+    assert len(rows) == 1 + sum(1 for r in rows if r["step"] > 0)
+
+
+def test_unreachable_target_and_spaces_without_widths_are_user_errors():
+    from nas.cost import build_flops_model
+    from nas.errors import UserError
+    from nas.strategies.slimmable import SlimmableSearch
+
+    with pytest.raises(UserError, match=r"below the smallest reachable.*fraction >= 0\.311"):
+        _strategy(targets=[0.9, 0.3])
+    # ops fixed to the largest: the narrowest reachable net is dearer than the space's cheapest
+    two_ops = slim_space(ops=["k3_e3", "k3_e6"])
+    flops = build_flops_model(two_ops, 10)
+    lo, hi = flops.bounds()
+    narrowest = SlimmableSearch(Supernet(two_ops, 10), flops, targets=[0.9]).arch_for([8, 8, 8, 16])
+    frac = flops.predict(narrowest) / hi
+    assert lo / hi < frac - 0.01
+    with pytest.raises(UserError, match=rf"below the narrowest network.*fractions >= {frac:.3f}"):
+        SlimmableSearch(Supernet(two_ops, 10), flops, targets=[0.9, (lo / hi + frac) / 2])
+    with pytest.raises(UserError, match="bn='sync' is unknown; choose one of: switchable, shared"):
+        _strategy(bn="sync")
+    with pytest.raises(UserError, match="n_random"):
+        _strategy(n_random=-1)
+    tiny = SearchSpace.from_yaml(TINY)
+    with pytest.raises(UserError, match="space=mbv2_tiny_slim"):
+        SlimmableSearch(Supernet(tiny, 10), build_flops_model(tiny, 10), targets=[0.5])
+    assert list(_strategy(targets=[0.5, "2.5MFLOPs", 0.9]).targets) == ["t0.90", "t2.5mflops", "t0.50"]  # loosest first

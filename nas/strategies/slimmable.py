@@ -1,0 +1,395 @@
+"""Slimmable networks (Yu et al.) and AutoSlim: train every width at once, then slim greedily to targets.
+
+Training (sandwich rule, one optimizer step per batch): every batch runs the widest network, the
+narrowest and ``n_random`` random width choices (a random width per stage, so non-uniform nets are
+trained too). Gradients of all of them accumulate; then one SGD step. In-place distillation (on by
+default): the widest learns from the labels, every other width from the widest's *detached* soft
+predictions (``distill=false``: labels for all). ``warmup_epochs`` train the widest only; optional
+channel reordering (``reorder: l1``) sorts every stage's channels by importance where the warm-up
+ends (before any training when there is none), so that narrow slices keep the important channels.
+
+Width search (AutoSlim): start from the widest; at each step try narrowing each stage by one width
+step, evaluate each candidate on the arch split after BatchNorm calibration (exact statistics over
+``calib_batches`` training batches), and keep the one that loses the least accuracy per unit of
+cost saved (latency table ms or FLOPs). The network is recorded for every target the moment its
+predicted cost drops to or below it, so several targets come out of one pass. Every network
+evaluated goes into a table (``width_search.csv`` / ``.json`` in each export).
+
+Op decisions are not searched here: every layer runs ``ops`` (``largest``: the layer's biggest op).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from supernets.arch import Arch
+from supernets.slimmable import BN_MODES, reorder_channels
+from supernets.space import SearchSpace, parse_op, width_choice, width_decision
+
+from ..errors import UserError
+from .base import SearchStrategy
+
+OPS_MODES = ("largest", "smallest")
+REORDER = ("l1",)
+
+
+def target_label(target: float | str) -> str:
+    """Export folder name of a target: ``0.3`` -> ``t0.30``, ``"2.5ms"`` -> ``t2.5ms``."""
+    if isinstance(target, str):
+        text = target.strip().lower()
+        try:
+            target = float(text)
+        except ValueError:
+            return "t" + text.replace(" ", "")
+    t = float(target)
+    return f"t{t:.2f}" if t <= 1 else f"t{t:g}"
+
+
+def soft_cross_entropy(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against soft targets (scaled by T^2 as in Hinton et al.)."""
+    logp = F.log_softmax(logits / temperature, dim=1)
+    return -(teacher_probs * logp).sum(1).mean() * temperature ** 2
+
+
+def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes: int, predict: Callable[[Arch], float],
+                evaluate: Callable[[Arch], float], targets: Mapping[str, float],
+                log: Callable[[str], Any] | None = None) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """AutoSlim's greedy slimming over the stage widths of ``space`` (ops fixed to ``base_choices``).
+
+    Returns ``(found, rows)``: ``found[label]`` = ``{"arch", "cost", "acc", "step"}`` for every target
+    (the first network on the path whose predicted cost is <= the target), and one row per network
+    evaluated (``step``, ``stage`` narrowed, ``widths``, ``cost``, ``acc``, ``drop_per_cost``,
+    ``chosen``). ``evaluate`` is called once per distinct network.
+    """
+    sw = space.stage_widths
+    cache: dict[tuple[int, ...], float] = {}
+
+    def arch_of(idx: Sequence[int]) -> Arch:
+        widths = {width_decision(s + 1): width_choice(sw[s][i]) for s, i in enumerate(idx)}
+        return space.make_arch({**base_choices, **widths}, num_classes)
+
+    def acc_of(idx: tuple[int, ...], arch: Arch) -> float:
+        if idx not in cache:
+            cache[idx] = float(evaluate(arch))
+        return cache[idx]
+
+    idx = tuple(len(ws) - 1 for ws in sw)
+    cur = arch_of(idx)
+    cur_cost, cur_acc = float(predict(cur)), acc_of(idx, cur)
+    rows: list[dict[str, Any]] = [{"step": 0, "stage": None, "widths": [sw[s][i] for s, i in enumerate(idx)],
+                                   "cost": cur_cost, "acc": cur_acc, "drop_per_cost": None, "chosen": True}]
+    found: dict[str, dict[str, Any]] = {}
+
+    def record(step: int) -> None:
+        for label, t in targets.items():
+            if label not in found and cur_cost <= t:
+                found[label] = {"arch": cur, "cost": cur_cost, "acc": cur_acc, "step": step, "target": t}
+
+    record(0)
+    step = 0
+    while len(found) < len(targets):
+        step += 1
+        cands = []
+        for s in range(len(sw)):
+            if idx[s] == 0:
+                continue
+            nidx = tuple(i - 1 if k == s else i for k, i in enumerate(idx))
+            arch = arch_of(nidx)
+            cost, acc = float(predict(arch)), acc_of(nidx, arch)
+            saved = cur_cost - cost
+            drop = cur_acc - acc
+            score = drop / saved if saved > 0 else math.inf
+            row = {"step": step, "stage": s + 1, "widths": [sw[k][i] for k, i in enumerate(nidx)], "cost": cost,
+                   "acc": acc, "drop_per_cost": score if math.isfinite(score) else None, "chosen": False}
+            rows.append(row)
+            cands.append((score, -saved, drop, nidx, arch, row))
+        if not cands:
+            break
+        # the least accuracy lost per unit of cost saved; a step that saves nothing only when nothing else is left
+        useful = [c for c in cands if math.isfinite(c[0])]
+        best = min(useful, key=lambda c: (c[0], c[1])) if useful else min(cands, key=lambda c: (c[2], c[1]))
+        best[5]["chosen"] = True
+        idx, cur = best[3], best[4]
+        cur_cost, cur_acc = best[5]["cost"], best[5]["acc"]
+        if log:
+            log(f"width search step {step}: stage {best[5]['stage']} -> {best[5]['widths']}, cost {cur_cost:.4g}, "
+                f"acc {100 * cur_acc:.2f}%")
+        record(step)
+    return found, rows
+
+
+class SlimmableSearch(SearchStrategy):
+    name = "slimmable"
+
+    def __init__(self, supernet, cost_model, target: float | None = None, *,
+                 targets: Sequence[float | str] | float | str | None = (0.4, 0.6, 0.8), bn: str = "switchable",
+                 n_random: int = 2, distill: bool = True, distill_temperature: float = 1.0,
+                 reorder: str | None = None, ops: str = "largest", warmup_epochs: int = 0,
+                 weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
+                 nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0,
+                 calib_batches: int = 20, eval_batches: int | None = None):
+        space: SearchSpace = supernet.space
+        if not space.has_widths:
+            raise UserError(f"strategy slimmable searches widths, and space {space.name!r} has none; use "
+                            f"space=mbv2_tiny_slim, or give this space width multipliers, e.g. "
+                            f"'+space.widths=[0.5,0.75,1.0]'")
+        if bn not in BN_MODES:
+            raise UserError(f"strategy.module.bn={bn!r} is unknown; choose one of: {', '.join(BN_MODES)}")
+        if ops not in OPS_MODES:
+            raise UserError(f"strategy.module.ops={ops!r} is unknown; choose one of: {', '.join(OPS_MODES)}")
+        if reorder not in (None, *REORDER):
+            raise UserError(f"strategy.module.reorder={reorder!r} is unknown; choose null or one of: "
+                            f"{', '.join(REORDER)}")
+        if isinstance(n_random, bool) or int(n_random) != n_random or n_random < 0:
+            raise UserError(f"strategy.module.n_random={n_random!r} must be an integer >= 0 (random widths per "
+                            f"batch besides the widest and the narrowest)")
+        for key, v in (("calib_batches", calib_batches), ("eval_batches", eval_batches)):
+            if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+                raise UserError(f"strategy.module.{key}={v!r} must be a positive integer")
+        if supernet.bn_mode != bn:  # a fresh supernet with the other BatchNorm kind (before any training)
+            from supernets.supernet import Supernet
+
+            supernet = Supernet(space, supernet.num_classes, weight_sharing=supernet.weight_sharing, bn=bn)
+        super().__init__(supernet, cost_model, target)
+        self.automatic_optimization = False
+        self.bn = bn
+        self.n_random = int(n_random)
+        self.distill = bool(distill)
+        self.temperature = float(distill_temperature)
+        self.reorder = reorder
+        self.warmup_epochs = int(warmup_epochs)
+        self.weight_opt_args = dict(lr=weight_lr, momentum=weight_momentum, weight_decay=weight_decay,
+                                    nesterov=nesterov)
+        self.label_smoothing = label_smoothing
+        self.grad_clip = grad_clip
+        self.calib_batches = int(calib_batches)
+        self.eval_batches = int(eval_batches) if eval_batches else None
+        key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731  expand x kernel area
+        pick = max if ops == "largest" else min
+        self.base_choices = {layer.name: pick((c for c in layer.choices if c != "zero"), key=key)
+                             for layer in space.layers}
+        self.widest = [max(ws) for ws in space.stage_widths]
+        self.narrowest = [min(ws) for ws in space.stage_widths]
+        self.targets = self._resolve_targets(targets)
+        self.last_sandwich: list[list[int]] = []  # the widths trained in the last step (widest first)
+        self._datamodule = None
+        self._eval_net = None
+        self._derived: dict[str, Any] | None = None
+        self._epoch_losses: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ targets
+    def arch_for(self, widths: Sequence[int]) -> Arch:
+        choices = {**self.base_choices, **{width_decision(s + 1): width_choice(w) for s, w in enumerate(widths)}}
+        return self.supernet.space.make_arch(choices, self.supernet.num_classes)
+
+    def _resolve_targets(self, targets) -> dict[str, float]:
+        if targets is None or (not isinstance(targets, (str, int, float)) and len(targets) == 0):
+            raise UserError("strategy.targets is empty; give one or more latency targets, e.g. "
+                            "strategy.targets=[0.3,0.5,0.7] (fractions of the largest net) or ['2.5ms']")
+        targets = [targets] if isinstance(targets, (str, int, float)) else list(targets)
+        lo = self.cost_model.predict(self.arch_for(self.narrowest))
+        hi = self.cost_model.predict(self.arch_for(self.widest))
+        unit = self.cost_model.unit
+        out: dict[str, float] = {}
+        for t in targets:
+            value = self.cost_model.resolve_target(t)
+            if value < lo:
+                raise UserError(f"target {t!r} = {value:.4g} {unit} is below the narrowest network this strategy "
+                                f"can reach ({lo:.4g} {unit}: every stage at its narrowest width, ops "
+                                f"{sorted(set(self.base_choices.values()))}; fraction {lo / hi:.3f} of the widest); "
+                                f"choose targets >= {lo:.4g}{unit} or fractions >= {lo / hi:.3f}")
+            out[target_label(t)] = value
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def export_target(self, label: str, default: float | None = None) -> float | None:
+        """The target (in the cost model's unit) an export stands for."""
+        return self.targets.get(label, default)
+
+    # ------------------------------------------------------------------ data and optimizers
+    def train_loaders(self, datamodule):
+        self._datamodule = datamodule  # BatchNorm calibration and the width search read its splits
+        return datamodule.train_dataloader()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.supernet.weight_parameters(), **self.weight_opt_args)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)]
+
+    # ------------------------------------------------------------------ training
+    def sample_widths(self) -> list[int]:
+        """A random width per stage (uniform over the stage's widths; torch's RNG, saved in checkpoints)."""
+        return [ws[int(torch.randint(len(ws), (1,)))] for ws in self.supernet.space.stage_widths]
+
+    def sandwich(self) -> list[list[int]]:
+        if self.current_epoch < self.warmup_epochs:
+            return [list(self.widest)]
+        return [list(self.widest), list(self.narrowest)] + [self.sample_widths() for _ in range(self.n_random)]
+
+    def _sync_widths(self, configs: list[list[int]]) -> list[list[int]]:
+        if self.distributed:
+            t = self.trainer.strategy.broadcast(torch.tensor(configs, dtype=torch.long), src=0)
+            configs = t.tolist()
+        return configs
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._epoch_losses = {}
+        if self.reorder and self.current_epoch == self.warmup_epochs:
+            reorder_channels(self.supernet, self.reorder)
+            for opt in self.trainer.optimizers:  # momentum buffers described the old channel order
+                opt.state.clear()
+            self.history.append({"epoch": int(self.current_epoch), "event": f"channels reordered by {self.reorder}"})
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        net = self.supernet
+        x, y = batch
+        configs = self._sync_widths(self.sandwich())
+        self.last_sandwich = configs
+        opt.zero_grad(set_to_none=True)
+        teacher = None
+        losses = {}
+        for k, widths in enumerate(configs):
+            net.set_widths(widths)
+            logits = net(x)
+            if k == 0 or not self.distill:
+                loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            else:
+                loss = soft_cross_entropy(logits, teacher, self.temperature)
+            if k == 0:
+                teacher = F.softmax(logits.detach() / self.temperature, dim=1)
+            self.manual_backward(loss)
+            kind = "widest" if k == 0 else "narrowest" if k == 1 else "random"
+            losses.setdefault(kind, []).append(float(loss.detach()))
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.weight_parameters(), self.grad_clip)
+        opt.step()
+        net.set_widths(self.widest)
+        self.count_images(len(y))
+        for kind, v in losses.items():
+            self._epoch_losses.setdefault(kind, []).append(sum(v) / len(v))
+        self.log("train/loss", losses["widest"][0], prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        if "narrowest" in losses:
+            self.log("train/loss_narrowest", losses["narrowest"][0], on_step=False, on_epoch=True, batch_size=len(y))
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        row = {"epoch": int(self.current_epoch)}
+        row.update({f"loss_{k}": sum(v) / len(v) for k, v in self._epoch_losses.items() if v})
+        self.history.append(row)
+
+    # ------------------------------------------------------------------ evaluation
+    def _calib_batches(self) -> list:
+        dm = self._datamodule
+        if dm is None:
+            return []
+        return [b for b in dm.calib_dataloader(self.calib_batches)]
+
+    def calibrated_subnet(self, arch: Arch, calib: list | None = None) -> torch.nn.Module:
+        """The static net of ``arch`` with BatchNorm statistics recomputed exactly over the calibration
+        batches (the supernet itself is not touched)."""
+        from supernets.bn import calibrate_bn
+
+        sub = self.supernet.extract(arch).cpu()
+        batches = self._calib_batches() if calib is None else calib
+        if batches:
+            calibrate_bn(sub, batches)
+        return sub.eval()
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_net = self.calibrated_subnet(self.arch_for(self.widest)).to(self.device)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            logits = self._eval_net(x)
+        self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True,
+                 batch_size=len(y), sync_dist=True)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_net = None
+
+    # ------------------------------------------------------------------ the result
+    def width_search(self, log: Callable[[str], Any] | None = print) -> dict[str, Any]:
+        """Run the greedy width search once (cached): every evaluation on the arch split after BN
+        calibration on the same training batches."""
+        if self._derived is not None:
+            return self._derived
+        from ..export import evaluate
+
+        if self._datamodule is None:
+            raise RuntimeError("the width search needs the data: call train_loaders(datamodule) (trainer.fit does)")
+        calib = self._calib_batches()
+        arch_batches = []
+        for i, b in enumerate(self._datamodule.val_dataloader()):  # the arch split, fixed order
+            if self.eval_batches and i >= self.eval_batches:
+                break
+            arch_batches.append(b)
+        self.supernet.eval()
+
+        def eval_arch(arch: Arch) -> float:
+            return evaluate(self.calibrated_subnet(arch, calib), arch_batches)
+
+        found, rows = greedy_slim(self.supernet.space, self.base_choices, self.supernet.num_classes,
+                                  self.cost_model.predict, eval_arch, self.targets, log=log)
+        self.supernet.set_widths(self.widest)
+        self._derived = {"found": found, "rows": rows}
+        return self._derived
+
+    def derive(self) -> Arch:
+        if self._derived is None:
+            return self.arch_for(self.widest)
+        first = next(iter(self.targets))
+        return self._derived["found"][first]["arch"]
+
+    def derive_all(self) -> dict[str, Arch]:
+        found = self.width_search()["found"]
+        # tightest target last, as the labels sort; every target has an arch (reachability is checked up front)
+        return {label: found[label]["arch"] for label in self.targets}
+
+    def search_state(self) -> Any:
+        return {"targets": self.targets, "bn": self.bn}
+
+    def width_table(self) -> list[dict[str, Any]]:
+        rows = self.width_search()["rows"]
+        return [{**r, "widths": list(r["widths"])} for r in rows]
+
+    def extra_plots(self) -> dict[str, Callable]:
+        """Files written into every export: the table of every width evaluated, and its plot."""
+        if self._derived is None:
+            return {}
+        rows = self.width_table()
+        found = {k: {kk: (dict(vv.choices) if isinstance(vv, Arch) else vv) for kk, vv in v.items()}
+                 for k, v in self._derived["found"].items()}
+        unit = self.cost_model.unit
+
+        def write_csv(path):
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["step", "stage", "widths", f"cost_{unit or 'units'}", "acc", "drop_per_cost", "chosen"])
+            for r in rows:
+                w.writerow([r["step"], r["stage"] or "", "-".join(map(str, r["widths"])), f"{r['cost']:.6g}",
+                            f"{r['acc']:.6f}", "" if r["drop_per_cost"] is None else f"{r['drop_per_cost']:.6g}",
+                            int(r["chosen"])])
+            path.write_text(buf.getvalue())
+
+        def write_json(path):
+            path.write_text(json.dumps({"unit": unit, "kind": self.cost_model.kind, "targets": self.targets,
+                                        "found": found, "rows": rows}, indent=1))
+
+        def plot(path):
+            from ..plots_slimmable import plot_width_search
+
+            plot_width_search(rows, found, path, unit)
+
+        return {"width_search.csv": write_csv, "width_search.json": write_json, "width_search.png": plot}
