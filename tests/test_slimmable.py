@@ -401,3 +401,65 @@ def test_unreachable_target_and_spaces_without_widths_are_user_errors():
     with pytest.raises(UserError, match="space=mbv2_tiny_slim"):
         SlimmableSearch(Supernet(tiny, 10), build_flops_model(tiny, 10), targets=[0.5])
     assert list(_strategy(targets=[0.5, "2.5MFLOPs", 0.9]).targets) == ["t0.90", "t2.5mflops", "t0.50"]  # loosest first
+
+
+def test_export_of_width_arch_loads_back_to_the_same_outputs(tmp_path):
+    from nas.export import load_subnet, write_export
+
+    space = SearchSpace.from_yaml(SLIM)
+    torch.manual_seed(0)
+    for bn in ("switchable", "shared"):
+        net = Supernet(space, 10, bn=bn)
+        randomise_bn(net, 5)
+        net.eval()
+        arch = space.make_arch({**{l.name: "k3_e6" for l in space.layers},
+                                "s1.width": "c16", "s2.width": "c8", "s3.width": "c24", "s4.width": "c32"}, 10)
+        out = write_export(tmp_path / bn, space=space, arch=arch, model=net.extract(arch), report={"bn": bn},
+                           onnx=False)
+        loaded = load_subnet(out)
+        net.set_active(arch)
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+        assert "c8" in (out / "arch.yaml").read_text() and "ir_r1_k3_s2_e6_c8" in (out / "arch.yaml").read_text()
+
+
+# ---------------------------------------------------------------------- end to end
+def test_nas_search_slimmable_one_export_per_target(tmp_path):
+    import csv
+    import json
+
+    from .conftest import run_app
+
+    from nas.export import load_subnet
+
+    run_dir = tmp_path / "run"
+    run = run_app("nas.search", "strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops", "strategy.epochs=1",
+                  "strategy.targets=[0.4,0.6,0.8]", "strategy.module.bn=shared", "progress=none",
+                  "export.calib_batches=2", "hardware.threads=1", f"hydra.run.dir={run_dir}")
+    assert run.returncode == 0, run.describe()
+    exports = sorted(p.name for p in (run_dir / "export").iterdir() if p.is_dir())
+    assert exports == ["t0.40", "t0.60", "t0.80"], run.describe()
+    costs = {}
+    for label in exports:
+        d = run_dir / "export" / label
+        report = json.loads((d / "report.json").read_text())
+        lat = report["latency_ms"]
+        assert lat["predicted"] <= lat["target"] + 1e-9 and lat["measured"] == pytest.approx(lat["predicted"])
+        assert report["strategy"] == "slimmable" and report["label"] == label
+        costs[label] = lat["predicted"]
+        net = load_subnet(d)
+        assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+        rows = list(csv.DictReader((d / "width_search.csv").open()))
+        assert rows[0]["widths"] == "16-24-32-64" and {"width_search.png", "width_search.json"} <= set(report["files"])
+    assert costs["t0.40"] <= costs["t0.60"] <= costs["t0.80"]
+    assert "export t0.40" in run.stdout
+
+
+def test_nas_search_slimmable_unreachable_target_stops_before_training(tmp_path):
+    from .conftest import run_app
+
+    run = run_app("nas.search", "strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops",
+                  "strategy.targets=[0.5,0.2]", "progress=none", f"hydra.run.dir={tmp_path / 'run'}")
+    assert run.returncode == 2, run.describe()
+    assert run.stderr.count("error:") == 1 and "target 0.2" in run.stderr and "Traceback" not in run.stderr
+    assert "searching with" not in run.stdout
