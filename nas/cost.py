@@ -14,7 +14,7 @@ Latency tables (file format version 2, JSON)
     ``fixed_parts`` names the entries of the stem, the fixed first block and the head (+ classifier).
     ``overhead`` is the per-device calibration that turns standalone block times into whole-network
     time: ``net_ms = scale * (sum of its parts' ms) + per_block_ms * (number of searchable blocks)
-    + offset_ms``, fitted on whole subnets measured in the same pass as the entries. ``layers`` and
+    + offset_ms``, fitted on whole subnets measured in a pass of their own right after the entries. ``layers`` and
     ``fixed_ms`` are the resulting additive model (derived; recomputed from the entries on load).
     The file also holds the space's name and fingerprint (a table for another space is refused), the
     device fingerprint (a table from another device configuration is loaded with a warning), the
