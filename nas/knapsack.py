@@ -29,12 +29,16 @@ _FLOAT_TOL = 1e-12  # relative tolerance for "budget equals the cheapest selecti
 
 
 def group_knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float,
-                   bins: int = 2000) -> list[int] | None:
+                   bins: int = 2000, min_cost: float | None = None) -> list[int] | None:
     """Index of one item per group maximising ``sum(values)`` with ``sum(costs) <= budget``.
 
     ``values[g][i]`` and ``costs[g][i]`` describe item ``i`` of group ``g``; values may be ``-inf``
     (the item is never taken). Returns ``None`` when no selection fits the budget. Ties go to the
     cheaper selection, then to lower item indices.
+
+    ``min_cost``: only selections costing at least this much are considered ("use the budget"),
+    when any exists; otherwise the unconstrained answer is returned. The floor is checked on the
+    rounded-up grid, so a selection may undercut it by at most ``len(groups)`` grid steps.
     """
     if len(values) != len(costs):
         raise ValueError(f"values has {len(values)} groups, costs has {len(costs)}")
@@ -67,7 +71,9 @@ def group_knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[f
 
     # everything fits: no trade-off, take the best item of every group (cheapest among equals)
     if math.fsum(float(e[u].max()) for e, u in zip(excess, usable)) <= slack:
-        return [_best(v, c, u) for v, c, u in zip(vals, cost, usable)]
+        best = [_best(v, c, u) for v, c, u in zip(vals, cost, usable)]
+        if min_cost is None or math.fsum(float(c[i]) for c, i in zip(cost, best)) >= min_cost:
+            return best
 
     # integer grid: excess costs rounded up, capacity `bins` (or 0 when only the cheapest items fit)
     if slack > 0:
@@ -97,6 +103,10 @@ def group_knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[f
     if not np.isfinite(dp).any():
         return None
     b = int(np.argmax(dp))  # first maximum: the cheapest rounded cost among equal values
+    if min_cost is not None and slack > 0:
+        lo = max(0, int(math.ceil((float(min_cost) - math.fsum(base)) / step - 1e-9)))
+        if lo <= cap and np.isfinite(dp[lo:]).any():
+            b = lo + int(np.argmax(dp[lo:]))
     out = [0] * len(vals)
     for g in range(len(vals) - 1, -1, -1):
         i = int(choices[g][b])

@@ -349,3 +349,19 @@ def test_resume_refuses_another_space(space, tmp_path):
         o.on_load_checkpoint(ckpt)
     with pytest.raises(UserError, match="no DDPNAS search state"):
         m.on_load_checkpoint({"hwnas": {"history": []}})
+
+
+def test_knapsack_floor_uses_the_budget():
+    values = [[1.0, 3.0, 4.0], [2.0, 2.5], [0.0, 5.0]]
+    costs = [[1.0, 2.0, 4.0], [1.0, 2.0], [0.0, 3.0]]
+    # a floor the optimum already meets changes nothing
+    assert group_knapsack(values, costs, 9.0, min_cost=8.5) == [2, 1, 1]  # cost 9, value 11.5
+    assert group_knapsack(values, costs, 6.0, min_cost=5.5) == [1, 0, 1]  # the optimum already costs 6
+    # budget 6, floor 5.9: among selections costing in [5.9, 6]: (1,0,1)=6 value 10, (2,1,0)=6 value 6.5
+    assert group_knapsack(values, costs, 6.0, min_cost=5.9) == [1, 0, 1]
+    # a cheap optimum is pushed up to the budget: values favour the cheapest items
+    cheap = [[3.0, 1.0], [3.0, 1.0]]
+    c2 = [[1.0, 2.0], [1.0, 2.0]]
+    assert group_knapsack(cheap, c2, 4.0) == [0, 0]
+    assert sorted(group_knapsack(cheap, c2, 4.0, min_cost=3.0)) == [0, 1]  # cost 3 (two equal choices)
+    assert group_knapsack(cheap, c2, 4.0, min_cost=5.0) == [0, 0]  # no selection reaches it: unconstrained

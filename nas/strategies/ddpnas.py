@@ -27,7 +27,8 @@ by ``(target / predicted_latency(path)) ** w`` (the MnasNet / ProxylessNAS soft 
 uses w = 0.07). ``budgets`` export one architecture per cost budget (fraction of the largest
 subnet's cost or an absolute value such as ``"2.5ms"``; default: the latency target): per layer one
 candidate maximising ``sum log score`` under ``fixed + sum layer_cost <= budget``, an exact group
-knapsack (:func:`nas.knapsack.group_knapsack`).
+knapsack (:func:`nas.knapsack.group_knapsack`), among the architectures costing at least
+``budget_floor`` (0.9) of the budget when any does, so that an export uses its budget.
 
 The knapsack chooses among **all** candidates, not only the survivors: a finished search has one
 survivor per layer, so a budget below that network would otherwise be infeasible. A pruned
@@ -285,7 +286,7 @@ class DDPNASSearch(SearchStrategy):
                  temperature: float = 100.0, update: str = "additive", momentum_weight: float = 0.5,
                  warmup_epochs: int = 0, latency_weight: float = 0.0,
                  budgets: Sequence[float | str] | None = None, budget_value: str = "log",
-                 budget_bins: int = 2000, weight_lr: float = 0.05, weight_momentum: float = 0.9,
+                 budget_bins: int = 2000, budget_floor: float = 0.9, weight_lr: float = 0.05, weight_momentum: float = 0.9,
                  weight_decay: float = 4e-5, nesterov: bool = True, label_smoothing: float = 0.0,
                  grad_clip: float = 5.0, seed: int | None = None):
         super().__init__(supernet, cost_model, target)
@@ -316,6 +317,10 @@ class DDPNASSearch(SearchStrategy):
         self.latency_weight = float(latency_weight)
         self.budget_value = budget_value
         self.budget_bins = int(budget_bins)
+        if not 0.0 <= float(budget_floor) <= 1.0:
+            raise UserError(f"strategy.module.budget_floor={budget_floor} must be in [0, 1] (a fraction of each "
+                            f"budget an export should at least cost; 0 = no floor)")
+        self.budget_floor = float(budget_floor)
         self.budgets = self._resolve_budgets(budgets)  # label -> ms (or the cost model's unit)
         self.weight_opt_args = dict(lr=weight_lr, momentum=weight_momentum, weight_decay=weight_decay,
                                     nesterov=nesterov)
@@ -372,14 +377,17 @@ class DDPNASSearch(SearchStrategy):
         return self.arch_of(self.state.argmax())
 
     def derive_budget(self, budget: float) -> Arch | None:
-        """The architecture maximising sum(log score) (or sum(score)) under ``cost <= budget``."""
+        """The architecture maximising sum(log score) (or sum(score)) under ``cost <= budget``, among
+        those costing at least ``budget_floor * budget`` when any does (an export should use its
+        budget, not land far under it because a cheap architecture scores well)."""
         scores = self.state.export_scores()
         if self.budget_value == "log":
             values = [[math.log(s) if s > 0 else -math.inf for s in layer] for layer in scores]
         else:
             values = [[s / math.fsum(layer) for s in layer] for layer in scores]
         costs = [self.cost_model.layer_costs[n] for n in self.layer_names]
-        pick = group_knapsack(values, costs, budget - self.cost_model.fixed, bins=self.budget_bins)
+        floor = self.budget_floor * budget - self.cost_model.fixed if self.budget_floor > 0 else None
+        pick = group_knapsack(values, costs, budget - self.cost_model.fixed, bins=self.budget_bins, min_cost=floor)
         return None if pick is None else self.arch_of(pick)
 
     def derive_all(self) -> dict[str, Arch]:
