@@ -463,3 +463,70 @@ def test_nas_search_slimmable_unreachable_target_stops_before_training(tmp_path)
     assert run.returncode == 2, run.describe()
     assert run.stderr.count("error:") == 1 and "target 0.2" in run.stderr and "Traceback" not in run.stderr
     assert "searching with" not in run.stdout
+
+
+@pytest.mark.slow
+def test_calibration_does_not_collapse_nonuniform_widths():
+    """A slimmable net trained with shared BN (4 epochs on digits, ~25 s): after calibration a
+    non-uniform width is as good as the uniform widths around it, and far better than with the
+    running statistics training left behind (a blur over all widths)."""
+    import pytorch_lightning as pl
+
+    from nas.cost import build_flops_model
+    from nas.data import DigitsDataModule
+    from nas.export import evaluate
+    from nas.strategies.slimmable import SlimmableSearch
+
+    pl.seed_everything(0, verbose=False)
+    space = SearchSpace.from_yaml(SLIM)
+    dm = DigitsDataModule(resolution=32, batch_size=64, seed=0)
+    module = SlimmableSearch(Supernet(space, 10), build_flops_model(space, 10), targets=[0.8], bn="shared",
+                             calib_batches=5)
+    trainer = pl.Trainer(max_epochs=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, train_dataloaders=module.train_loaders(dm))
+    val = list(dm.val_dataloader())
+    acc = {}
+    for name, widths in {"x0.5": [8, 16, 16, 32], "x0.75": [16, 24, 24, 48], "mixed": [8, 24, 16, 48]}.items():
+        arch = module.arch_for(widths)
+        acc[name] = (evaluate(module.supernet.extract(arch), val), evaluate(module.calibrated_subnet(arch), val))
+    raw_mixed, cal_mixed = acc["mixed"]
+    assert cal_mixed >= min(acc["x0.5"][1], acc["x0.75"][1]) - 0.05, acc
+    assert cal_mixed >= raw_mixed + 0.2, acc
+
+
+# ---------------------------------------------------------------------- 7. widths together with ops
+def test_ops_searched_with_widths_sandwich_and_greedy_moves():
+    from nas.cost import build_flops_model
+    from nas.strategies.slimmable import SlimmableSearch, greedy_slim
+
+    space = slim_space(ops=["k3_e3", "k3_e6", "k5_e6"], zero=True)
+    flops = build_flops_model(space, 10)
+    torch.manual_seed(0)
+    module = SlimmableSearch(Supernet(space, 10), flops, targets=[0.5], ops="search", n_random=2)
+    steps = []
+    orig = module.training_step
+
+    def step(batch, batch_idx):
+        out = orig(batch, batch_idx)
+        steps.append((module.last_sandwich, module.last_ops))
+        return out
+
+    module.training_step = step
+    _fit(module, batches=2)
+    for widths, ops in steps:
+        assert widths[0] == [16, 24, 32, 64] and ops[0] == ["k5_e6"] * 9
+        assert widths[1] == [8, 8, 8, 16] and ops[1] == [("zero" if "zero" in l.choices else "k3_e3")
+                                                        for l in space.layers]
+    assert len({tuple(o) for _, ops in steps for o in ops[2:]}) > 1
+    # greedy over widths and ops: an accuracy that ignores ops makes op steps free, so they come first
+    acc = lambda a: sum(space.widths(a)) / 200  # noqa: E731
+    hi = flops.predict(space.largest(10))
+    found, rows = greedy_slim(space, module.base_choices, 10, flops.predict, acc, {"t0.50": 0.5 * hi},
+                              op_cost=flops.layer_cost)
+    chosen = [r for r in rows if r["chosen"]][1:]
+    assert chosen[0]["layer"] is not None and chosen[0]["stage"] is None
+    assert found["t0.50"]["cost"] <= 0.5 * hi
+    first_ops = [r["ops"] for r in rows if r["step"] == 1 and r["layer"]]
+    # each op move is one layer one step cheaper: k5_e6 -> k3_e6 at the widest widths
+    assert all(sum(o != "k5_e6" for o in ops) == 1 and "k3_e6" in ops for ops in first_ops)

@@ -15,7 +15,11 @@ cost saved (latency table ms or FLOPs). The network is recorded for every target
 predicted cost drops to or below it, so several targets come out of one pass. Every network
 evaluated goes into a table (``width_search.csv`` / ``.json`` in each export).
 
-Op decisions are not searched here: every layer runs ``ops`` (``largest``: the layer's biggest op).
+Op decisions (``ops``): ``largest`` / ``smallest`` fix every layer's op (a width-only search, as
+AutoSlim); ``search`` searches them with the widths: the sandwich's widest net runs every layer's
+largest op, the narrowest its smallest (``zero`` where allowed), the random ones random ops, and the
+greedy search may also step one layer down to its next cheaper op at the current widths (priced by
+the same latency table, whose entries are per width).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from supernets.space import SearchSpace, parse_op, width_choice, width_decision
 from ..errors import UserError
 from .base import SearchStrategy
 
-OPS_MODES = ("largest", "smallest")
+OPS_MODES = ("largest", "smallest", "search")
 REORDER = ("l1",)
 
 
@@ -59,31 +63,58 @@ def soft_cross_entropy(logits: torch.Tensor, teacher_probs: torch.Tensor, temper
 
 def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes: int, predict: Callable[[Arch], float],
                 evaluate: Callable[[Arch], float], targets: Mapping[str, float],
-                log: Callable[[str], Any] | None = None) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """AutoSlim's greedy slimming over the stage widths of ``space`` (ops fixed to ``base_choices``).
+                log: Callable[[str], Any] | None = None,
+                op_cost: Callable[[Any, str, int, int], float] | None = None,
+                ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """AutoSlim's greedy slimming over the stage widths of ``space``, starting from the widest with
+    the ops of ``base_choices``.
 
-    Returns ``(found, rows)``: ``found[label]`` = ``{"arch", "cost", "acc", "step"}`` for every target
-    (the first network on the path whose predicted cost is <= the target), and one row per network
-    evaluated (``step``, ``stage`` narrowed, ``widths``, ``cost``, ``acc``, ``drop_per_cost``,
-    ``chosen``). ``evaluate`` is called once per distinct network.
+    With ``op_cost(layer, op, in_chs, out_chs)`` the ops are searched too: besides narrowing a stage,
+    a step may replace one layer's op by its next cheaper op at the current widths.
+
+    Returns ``(found, rows)``: ``found[label]`` = ``{"arch", "cost", "acc", "step", "target"}`` for every
+    target (the first network on the path whose predicted cost is <= the target), and one row per
+    network evaluated (``step``, ``stage`` narrowed or ``layer`` changed, ``widths``, ``ops``, ``cost``,
+    ``acc``, ``drop_per_cost``, ``chosen``). ``evaluate`` is called once per distinct network.
     """
     sw = space.stage_widths
-    cache: dict[tuple[int, ...], float] = {}
+    cache: dict[Arch, float] = {}
 
-    def arch_of(idx: Sequence[int]) -> Arch:
+    def arch_of(idx: Sequence[int], ops: Mapping[str, str]) -> Arch:
         widths = {width_decision(s + 1): width_choice(sw[s][i]) for s, i in enumerate(idx)}
-        return space.make_arch({**base_choices, **widths}, num_classes)
+        return space.make_arch({**ops, **widths}, num_classes)
 
-    def acc_of(idx: tuple[int, ...], arch: Arch) -> float:
-        if idx not in cache:
-            cache[idx] = float(evaluate(arch))
-        return cache[idx]
+    def acc_of(arch: Arch) -> float:
+        if arch not in cache:
+            cache[arch] = float(evaluate(arch))
+        return cache[arch]
+
+    def row(step, move, idx, ops, cost, acc, score, chosen):
+        r = {"step": step, "stage": move if isinstance(move, int) else None, "widths": [sw[s][i] for s, i in enumerate(idx)],
+             "cost": cost, "acc": acc, "drop_per_cost": score, "chosen": chosen}
+        if op_cost is not None:
+            r["layer"] = move if isinstance(move, str) else None
+            r["ops"] = [ops[layer.name] for layer in space.layers]
+        return r
+
+    def moves(idx, ops):
+        for s in range(len(sw)):
+            if idx[s] > 0:
+                yield s + 1, tuple(i - 1 if k == s else i for k, i in enumerate(idx)), ops
+        if op_cost is None:
+            return
+        chs = space.layer_chs(arch_of(idx, ops))
+        for layer, (cin, cout) in zip(space.layers, chs):
+            here = op_cost(layer, ops[layer.name], cin, cout)
+            cheaper = [(op_cost(layer, o, cin, cout), o) for o in layer.choices if op_cost(layer, o, cin, cout) < here]
+            if cheaper:
+                yield layer.name, idx, {**ops, layer.name: max(cheaper)[1]}
 
     idx = tuple(len(ws) - 1 for ws in sw)
-    cur = arch_of(idx)
-    cur_cost, cur_acc = float(predict(cur)), acc_of(idx, cur)
-    rows: list[dict[str, Any]] = [{"step": 0, "stage": None, "widths": [sw[s][i] for s, i in enumerate(idx)],
-                                   "cost": cur_cost, "acc": cur_acc, "drop_per_cost": None, "chosen": True}]
+    ops = {layer.name: base_choices[layer.name] for layer in space.layers}
+    cur = arch_of(idx, ops)
+    cur_cost, cur_acc = float(predict(cur)), acc_of(cur)
+    rows: list[dict[str, Any]] = [row(0, None, idx, ops, cur_cost, cur_acc, None, True)]
     found: dict[str, dict[str, Any]] = {}
 
     def record(step: int) -> None:
@@ -96,29 +127,26 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
     while len(found) < len(targets):
         step += 1
         cands = []
-        for s in range(len(sw)):
-            if idx[s] == 0:
-                continue
-            nidx = tuple(i - 1 if k == s else i for k, i in enumerate(idx))
-            arch = arch_of(nidx)
-            cost, acc = float(predict(arch)), acc_of(nidx, arch)
+        for move, nidx, nops in moves(idx, ops):
+            arch = arch_of(nidx, nops)
+            cost, acc = float(predict(arch)), acc_of(arch)
             saved = cur_cost - cost
             drop = cur_acc - acc
             score = drop / saved if saved > 0 else math.inf
-            row = {"step": step, "stage": s + 1, "widths": [sw[k][i] for k, i in enumerate(nidx)], "cost": cost,
-                   "acc": acc, "drop_per_cost": score if math.isfinite(score) else None, "chosen": False}
-            rows.append(row)
-            cands.append((score, -saved, drop, nidx, arch, row))
+            r = row(step, move, nidx, nops, cost, acc, score if math.isfinite(score) else None, False)
+            rows.append(r)
+            cands.append((score, -saved, drop, nidx, nops, arch, r, move))
         if not cands:
             break
         # the least accuracy lost per unit of cost saved; a step that saves nothing only when nothing else is left
         useful = [c for c in cands if math.isfinite(c[0])]
         best = min(useful, key=lambda c: (c[0], c[1])) if useful else min(cands, key=lambda c: (c[2], c[1]))
-        best[5]["chosen"] = True
-        idx, cur = best[3], best[4]
-        cur_cost, cur_acc = best[5]["cost"], best[5]["acc"]
+        best[6]["chosen"] = True
+        idx, ops, cur = best[3], best[4], best[5]
+        cur_cost, cur_acc = best[6]["cost"], best[6]["acc"]
         if log:
-            log(f"width search step {step}: stage {best[5]['stage']} -> {best[5]['widths']}, cost {cur_cost:.4g}, "
+            what = f"stage {best[7]}" if isinstance(best[7], int) else f"{best[7]} -> {ops[best[7]]}"
+            log(f"width search step {step}: {what}; widths {best[6]['widths']}, cost {cur_cost:.4g}, "
                 f"acc {100 * cur_acc:.2f}%")
         record(step)
     return found, rows
@@ -171,21 +199,28 @@ class SlimmableSearch(SearchStrategy):
         self.calib_batches = int(calib_batches)
         self.eval_batches = int(eval_batches) if eval_batches else None
         key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731  expand x kernel area
-        pick = max if ops == "largest" else min
+        self.search_ops = ops == "search"
+        self.ops = ops
+        pick = min if ops == "smallest" else max
         self.base_choices = {layer.name: pick((c for c in layer.choices if c != "zero"), key=key)
                              for layer in space.layers}
+        # the narrowest net of the sandwich (and the cheapest reachable): smallest ops when they are searched
+        self.small_choices = ({layer.name: "zero" if "zero" in layer.choices else min(layer.choices, key=key)
+                               for layer in space.layers} if self.search_ops else dict(self.base_choices))
         self.widest = [max(ws) for ws in space.stage_widths]
         self.narrowest = [min(ws) for ws in space.stage_widths]
+        self.supernet.set_active(self.arch_for(self.widest))  # fixed ops, widest widths
         self.targets = self._resolve_targets(targets)
         self.last_sandwich: list[list[int]] = []  # the widths trained in the last step (widest first)
+        self.last_ops: list[list[str]] = []  # and the ops of every layer in each of them
         self._datamodule = None
         self._eval_net = None
         self._derived: dict[str, Any] | None = None
         self._epoch_losses: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ targets
-    def arch_for(self, widths: Sequence[int]) -> Arch:
-        choices = {**self.base_choices, **{width_decision(s + 1): width_choice(w) for s, w in enumerate(widths)}}
+    def arch_for(self, widths: Sequence[int], ops: Mapping[str, str] | None = None) -> Arch:
+        choices = {**(ops or self.base_choices), **{width_decision(s + 1): width_choice(w) for s, w in enumerate(widths)}}
         return self.supernet.space.make_arch(choices, self.supernet.num_classes)
 
     def _resolve_targets(self, targets) -> dict[str, float]:
@@ -193,7 +228,7 @@ class SlimmableSearch(SearchStrategy):
             raise UserError("strategy.targets is empty; give one or more latency targets, e.g. "
                             "strategy.targets=[0.3,0.5,0.7] (fractions of the largest net) or ['2.5ms']")
         targets = [targets] if isinstance(targets, (str, int, float)) else list(targets)
-        lo = self.cost_model.predict(self.arch_for(self.narrowest))
+        lo = self.cost_model.predict(self.arch_for(self.narrowest, self.small_choices))
         hi = self.cost_model.predict(self.arch_for(self.widest))
         unit = self.cost_model.unit
         out: dict[str, float] = {}
@@ -202,7 +237,7 @@ class SlimmableSearch(SearchStrategy):
             if value < lo:
                 raise UserError(f"target {t!r} = {value:.4g} {unit} is below the narrowest network this strategy "
                                 f"can reach ({lo:.4g} {unit}: every stage at its narrowest width, ops "
-                                f"{sorted(set(self.base_choices.values()))}; fraction {lo / hi:.3f} of the widest); "
+                                f"{sorted(set(self.small_choices.values()))}; fraction {lo / hi:.3f} of the widest); "
                                 f"choose targets >= {lo:.4g}{unit} or fractions >= {lo / hi:.3f}")
             out[target_label(t)] = value
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
@@ -226,16 +261,29 @@ class SlimmableSearch(SearchStrategy):
         """A random width per stage (uniform over the stage's widths; torch's RNG, saved in checkpoints)."""
         return [ws[int(torch.randint(len(ws), (1,)))] for ws in self.supernet.space.stage_widths]
 
-    def sandwich(self) -> list[list[int]]:
-        if self.current_epoch < self.warmup_epochs:
-            return [list(self.widest)]
-        return [list(self.widest), list(self.narrowest)] + [self.sample_widths() for _ in range(self.n_random)]
+    def sample_ops(self) -> dict[str, str]:
+        """A random op per layer (uniform over its choices) when ops are searched, else the fixed ones."""
+        if not self.search_ops:
+            return dict(self.base_choices)
+        return {l.name: l.choices[int(torch.randint(len(l.choices), (1,)))] for l in self.supernet.space.layers}
 
-    def _sync_widths(self, configs: list[list[int]]) -> list[list[int]]:
-        if self.distributed:
-            t = self.trainer.strategy.broadcast(torch.tensor(configs, dtype=torch.long), src=0)
-            configs = t.tolist()
-        return configs
+    def sandwich(self) -> list[tuple[list[int], dict[str, str]]]:
+        """(widths, ops) of every network trained in this step: widest first (the teacher)."""
+        widest = (list(self.widest), dict(self.base_choices))
+        if self.current_epoch < self.warmup_epochs:
+            return [widest]
+        return [widest, (list(self.narrowest), dict(self.small_choices))] + [
+            (self.sample_widths(), self.sample_ops()) for _ in range(self.n_random)]
+
+    def _sync(self, configs):
+        """Every rank trains rank 0's sampled networks."""
+        if not self.distributed:
+            return configs
+        layers = self.supernet.space.layers
+        rows = [w + [l.choices.index(ops[l.name]) for l in layers] for w, ops in configs]
+        rows = self.trainer.strategy.broadcast(torch.tensor(rows, dtype=torch.long), src=0).tolist()
+        n = len(self.widest)
+        return [(r[:n], {l.name: l.choices[i] for l, i in zip(layers, r[n:])}) for r in rows]
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -250,13 +298,17 @@ class SlimmableSearch(SearchStrategy):
         opt = self.optimizers()
         net = self.supernet
         x, y = batch
-        configs = self._sync_widths(self.sandwich())
-        self.last_sandwich = configs
+        configs = self._sync(self.sandwich())
+        self.last_sandwich = [w for w, _ in configs]
+        self.last_ops = [[ops[l.name] for l in net.space.layers] for _, ops in configs]
         opt.zero_grad(set_to_none=True)
         teacher = None
         losses = {}
-        for k, widths in enumerate(configs):
-            net.set_widths(widths)
+        for k, (widths, ops) in enumerate(configs):
+            if self.search_ops:
+                net.set_active(self.arch_for(widths, ops))
+            else:
+                net.set_widths(widths)
             logits = net(x)
             if k == 0 or not self.distill:
                 loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
@@ -270,7 +322,7 @@ class SlimmableSearch(SearchStrategy):
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(net.weight_parameters(), self.grad_clip)
         opt.step()
-        net.set_widths(self.widest)
+        net.set_active(self.arch_for(self.widest))
         self.count_images(len(y))
         for kind, v in losses.items():
             self._epoch_losses.setdefault(kind, []).append(sum(v) / len(v))
@@ -341,8 +393,9 @@ class SlimmableSearch(SearchStrategy):
             return evaluate(self.calibrated_subnet(arch, calib), arch_batches)
 
         found, rows = greedy_slim(self.supernet.space, self.base_choices, self.supernet.num_classes,
-                                  self.cost_model.predict, eval_arch, self.targets, log=log)
-        self.supernet.set_widths(self.widest)
+                                  self.cost_model.predict, eval_arch, self.targets, log=log,
+                                  op_cost=self.cost_model.layer_cost if self.search_ops else None)
+        self.supernet.set_active(self.arch_for(self.widest))
         self._derived = {"found": found, "rows": rows}
         return self._derived
 
@@ -358,7 +411,7 @@ class SlimmableSearch(SearchStrategy):
         return {label: found[label]["arch"] for label in self.targets}
 
     def search_state(self) -> Any:
-        return {"targets": self.targets, "bn": self.bn}
+        return {"targets": self.targets, "bn": self.bn, "ops": self.ops}
 
     def width_table(self) -> list[dict[str, Any]]:
         rows = self.width_search()["rows"]
@@ -376,11 +429,14 @@ class SlimmableSearch(SearchStrategy):
         def write_csv(path):
             buf = io.StringIO()
             w = csv.writer(buf)
-            w.writerow(["step", "stage", "widths", f"cost_{unit or 'units'}", "acc", "drop_per_cost", "chosen"])
+            ops = self.search_ops
+            w.writerow(["step", "stage", "widths"] + (["layer", "ops"] if ops else [])
+                       + [f"cost_{unit or 'units'}", "acc", "drop_per_cost", "chosen"])
             for r in rows:
-                w.writerow([r["step"], r["stage"] or "", "-".join(map(str, r["widths"])), f"{r['cost']:.6g}",
-                            f"{r['acc']:.6f}", "" if r["drop_per_cost"] is None else f"{r['drop_per_cost']:.6g}",
-                            int(r["chosen"])])
+                w.writerow([r["step"], r["stage"] or "", "-".join(map(str, r["widths"]))]
+                           + ([r["layer"] or "", " ".join(r["ops"])] if ops else [])
+                           + [f"{r['cost']:.6g}", f"{r['acc']:.6f}",
+                              "" if r["drop_per_cost"] is None else f"{r['drop_per_cost']:.6g}", int(r["chosen"])])
             path.write_text(buf.getvalue())
 
         def write_json(path):
