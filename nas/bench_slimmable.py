@@ -2,12 +2,16 @@
 
     python -m nas.bench_slimmable data=digits epochs=10
     python -m nas.bench_slimmable data=texshapes epochs=10 bn=shared out=/tmp/slim_texshapes.json
+    python -m nas.bench_slimmable data=digits lut=<table.json> targets=0.5,0.7,0.9   # costs in table ms
 
 One slimmable supernet (sandwich rule, in-place distillation, ``bn`` switchable or shared) is trained
 for ``epochs`` epochs; then every uniform width of the space (each multiplier of its ``widths``) is
 extracted, BN-calibrated and evaluated on the test split. Each of those widths is also trained
 alone, from scratch, for the same epochs with the same optimizer (SGD, cosine, batch size, gradient
-clipping), and evaluated on the same test split. Prints a table and writes it as JSON (``out``).
+clipping), and evaluated on the same test split. Then the greedy width search runs on the trained
+supernet for ``targets`` (arch split, as in ``nas-search``) and its networks are evaluated on the test
+split too, beside the uniform widths of similar cost (the uniform-width baseline). Costs are FLOPs,
+or table ms with ``lut=<latency table file>``. Prints both tables and writes them as JSON (``out``).
 Arguments are ``key=value``; the data and space configs are the Hydra groups of ``nas-search``.
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 def _parse(argv: list[str]) -> dict[str, str]:
     opts = {"data": "digits", "space": "mbv2_tiny_slim", "epochs": "10", "seed": "0", "bn": "switchable",
-            "n_random": "2", "distill": "true", "out": "", "threads": "1"}
+            "n_random": "2", "distill": "true", "out": "", "threads": "1", "lut": "", "targets": "0.4,0.6,0.8"}
     for a in argv:
         if "=" not in a:
             raise SystemExit(f"arguments are key=value (keys: {', '.join(opts)}); got {a!r}")
@@ -62,7 +66,7 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     from supernets.supernet import Supernet
 
     from .cli import CONF_DIR, instantiate, make_space
-    from .cost import build_flops_model
+    from .cost import LatencyTable, build_flops_model
     from .export import evaluate
     from .strategies.slimmable import SlimmableSearch
 
@@ -74,12 +78,14 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     dm = instantiate(cfg.data)
     nc = dm.num_classes
     flops = build_flops_model(space, nc)
+    cost = LatencyTable.load(opts["lut"], space) if opts["lut"] else flops
+    targets = [t if t.endswith(("ms", "MFLOPs")) else float(t) for t in opts["targets"].split(",") if t]
     mults = sorted(float(m) for m in space.spec_dict.get("widths") or [1.0])
     divisor = int(space.spec_dict.get("width_divisor", 8))
     bases = [max(ws) / max(mults) for ws in space.stage_widths]
 
     pl.seed_everything(seed, verbose=False)
-    module = SlimmableSearch(Supernet(space, nc), flops, targets=[1.0], bn=opts["bn"], n_random=int(opts["n_random"]),
+    module = SlimmableSearch(Supernet(space, nc), cost, targets=targets, bn=opts["bn"], n_random=int(opts["n_random"]),
                              distill=opts["distill"].lower() in ("1", "true", "yes"), calib_batches=20)
     trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
@@ -96,18 +102,33 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
         alone = space_timm_net(space, arch, nc)
         secs = train_alone(alone, dm, epochs)
         alone_acc = evaluate(alone, test)
-        rows.append({"multiplier": m, "widths": widths, "mflops": flops.predict(arch), "slimmable_acc": slim_acc,
+        rows.append({"multiplier": m, "widths": widths, "mflops": flops.predict(arch), "cost": cost.predict(arch),
+                     "slimmable_acc": slim_acc,
                      "alone_acc": alone_acc, "diff_points": 100 * (slim_acc - alone_acc), "alone_seconds": secs})
         print(f"x{m:<5} widths {widths}: slimmable {100 * slim_acc:.2f}%  alone {100 * alone_acc:.2f}%  "
               f"({100 * (slim_acc - alone_acc):+.2f} points)", flush=True)
+    found = module.width_search(log=None)["found"]
+    searched = []
+    for label, f in found.items():
+        acc = evaluate(module.calibrated_subnet(f["arch"]), test)
+        searched.append({"label": label, "target": f["target"], "widths": module.supernet.space.widths(f["arch"]),
+                         "cost": f["cost"], "arch_split_acc": f["acc"], "test_acc": acc})
     result = {"data": opts["data"], "space": space.name, "epochs": epochs, "seed": seed, "bn": opts["bn"],
               "n_random": int(opts["n_random"]), "distill": opts["distill"], "slimmable_seconds": slim_seconds,
-              "rows": rows}
+              "cost_unit": cost.unit, "rows": rows, "searched": searched}
     print(f"\n| width | channels per stage | MFLOPs | slimmable (one run) | trained alone | difference |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| x{r['multiplier']:g} | {'-'.join(map(str, r['widths']))} | {r['mflops']:.2f} | "
               f"{100 * r['slimmable_acc']:.2f}% | {100 * r['alone_acc']:.2f}% | {r['diff_points']:+.2f} |")
+    unit = cost.unit
+    print(f"\n| export | target ({unit}) | widths | cost ({unit}) | test acc (greedy) |")
+    print("|---|---|---|---|---|")
+    for r in searched:
+        print(f"| {r['label']} | {r['target']:.3f} | {'-'.join(map(str, r['widths']))} | {r['cost']:.3f} | "
+              f"{100 * r['test_acc']:.2f}% |")
+    print(f"\nuniform widths (the same supernet, calibrated): " + ", ".join(
+        f"x{r['multiplier']:g} {r['cost']:.3f} {unit} {100 * r['slimmable_acc']:.2f}%" for r in rows))
     if opts["out"]:
         Path(opts["out"]).write_text(json.dumps(result, indent=1))
     return result

@@ -453,6 +453,11 @@ def test_nas_search_slimmable_one_export_per_target(tmp_path):
         assert rows[0]["widths"] == "16-24-32-64" and {"width_search.png", "width_search.json"} <= set(report["files"])
     assert costs["t0.40"] <= costs["t0.60"] <= costs["t0.80"]
     assert "export t0.40" in run.stdout
+    # an export of a width choice retrains like any other export
+    retrain = run_app("nas.retrain", f"arch={run_dir / 'export' / 't0.40'}", "epochs=1", "progress=none",
+                      f"hydra.run.dir={tmp_path / 'retrain'}")
+    assert retrain.returncode == 0, retrain.describe()
+    assert json.loads((tmp_path / "retrain" / "retrain_report.json").read_text())
 
 
 def test_nas_search_slimmable_unreachable_target_stops_before_training(tmp_path):
