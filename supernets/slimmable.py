@@ -159,7 +159,8 @@ class SlimHead(Head):
 def reorder_channels(supernet, by: str = "l1") -> dict[str, list[int]]:
     """Permute every stage's output channels (and every layer's expanded channels) so that the most
     important come first, where the slices of narrower widths find them. Importance: the L1 norm of
-    the weights that produce a channel (``l1``). The widest network computes the same function
+    the weights that produce a channel (``l1``), or the magnitude of the BatchNorm scale that
+    follows it (``bn``, Network Slimming; summed over the layer's candidates). The widest network computes the same function
     before and after (the permutation is applied to every consumer of a channel too).
 
     Stage channels are coupled by the residual adds: one permutation per stage, applied to the
@@ -167,8 +168,8 @@ def reorder_channels(supernet, by: str = "l1") -> dict[str, list[int]]:
     of the next stage's first layer (or of ``conv_head``). Switchable BatchNorms of narrower widths
     are reset (their statistics described other channels). Returns the permutation per stage.
     """
-    if by != "l1":
-        raise ValueError(f"channel importance {by!r} unknown; choose l1")
+    if by not in ("l1", "bn"):
+        raise ValueError(f"channel importance {by!r} unknown; choose l1 or bn")
     space = supernet.space
     stages: dict[int, list] = {}
     for layer, m in zip(space.layers, supernet.mixed_ops()):
@@ -179,6 +180,17 @@ def reorder_channels(supernet, by: str = "l1") -> dict[str, list[int]]:
         for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
             if t is not None and t.shape[0] == len(idx):
                 t.copy_(t[idx])
+
+    def bn_scale(m, which, n):
+        """Sum over the layer's candidates of |gamma| of their widest BN ``which`` (n channels)."""
+        total = torch.zeros(n)
+        for cand in m.candidates:
+            if isinstance(cand, SlimCandidate):
+                bnx = getattr(cand, which)
+                bn = bnx[list(bnx.keys())[-1]] if isinstance(bnx, nn.ModuleDict) else bnx
+                if bn.num_features == n:
+                    total += bn.weight.detach().abs().cpu()
+        return total
 
     def widest_bns(cand, which):
         bnx = getattr(cand, which)
@@ -195,8 +207,8 @@ def reorder_channels(supernet, by: str = "l1") -> dict[str, list[int]]:
         w = m.shared
         if w is None:
             continue
-        score = w.conv_pw.abs().sum(dim=(1, 2, 3))
-        idx = torch.argsort(score, descending=True)
+        score = w.conv_pw.abs().sum(dim=(1, 2, 3)) if by == "l1" else bn_scale(m, "bn1", w.conv_pw.shape[0])
+        idx = torch.argsort(score.to(w.conv_pw.device), descending=True)
         w.conv_pw.copy_(w.conv_pw[idx])
         w.conv_dw.copy_(w.conv_dw[idx])
         w.conv_pwl.copy_(w.conv_pwl[:, idx])
@@ -214,8 +226,11 @@ def reorder_channels(supernet, by: str = "l1") -> dict[str, list[int]]:
         ms = [m for m in stages[si] if m.shared is not None]
         if not ms:
             continue
-        score = sum(m.shared.conv_pwl.abs().sum(dim=(1, 2, 3)) for m in ms)
-        idx = torch.argsort(score, descending=True)
+        if by == "l1":
+            score = sum(m.shared.conv_pwl.abs().sum(dim=(1, 2, 3)) for m in ms)
+        else:
+            score = sum(bn_scale(m, "bn3", m.shared.conv_pwl.shape[0]) for m in ms)
+        idx = torch.argsort(score.to(ms[0].shared.conv_pwl.device), descending=True)
         for li, m in enumerate(ms):
             m.shared.conv_pwl.copy_(m.shared.conv_pwl[idx])
             if li > 0:  # input of the stage's later layers

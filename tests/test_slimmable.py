@@ -293,7 +293,7 @@ def test_channel_reordering_keeps_the_widest_function():
     from supernets.slimmable import reorder_channels
 
     space = SearchSpace.from_yaml(SLIM)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for bn in ("switchable", "shared"):
         torch.manual_seed(1)
         net = Supernet(space, 10, bn=bn)
@@ -301,11 +301,17 @@ def test_channel_reordering_keeps_the_widest_function():
         net.eval()
         before = net(x)
         perms = reorder_channels(net, "l1")
-        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-4)  # summation order
         for si, m in enumerate(m for _, m in net.named_mixed_ops()):
             norms = m.shared.conv_pw.abs().sum(dim=(1, 2, 3))
             assert torch.all(norms[:-1] >= norms[1:])  # expanded channels: most important first
         assert sorted(perms["s4"]) == list(range(64))
+        perms = reorder_channels(net, "bn")  # by |BN scale| of the widest: still the same function
+        torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-4)  # summation order
+        s4 = [m.candidates[0].bn3 for m in list(net.mixed_ops())[-2:]]  # stage 4: 32->64, 64->64
+        gamma = sum((b["32_64" if i == 0 else "64_64"] if bn == "switchable" else b).weight.abs()
+                    for i, b in enumerate(s4))
+        assert torch.all(gamma[:-1] >= gamma[1:])
 
 
 # ---------------------------------------------------------------------- 4. BN calibration

@@ -40,7 +40,7 @@ from ..errors import UserError
 from .base import SearchStrategy
 
 OPS_MODES = ("largest", "smallest", "search")
-REORDER = ("l1",)
+REORDER = ("l1", "bn")
 
 
 def target_label(target: float | str) -> str:
