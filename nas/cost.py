@@ -843,8 +843,12 @@ def _load_avg() -> list[float] | None:
         return None
 
 
-def _fixed_keys(items: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+def fixed_keys(items: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """``{role: key}`` of the fixed parts (stem, first block, widest head) among :func:`table_items`."""
     return {v["role"]: k for k, v in items.items() if v["role"] in ("stem", "first", "head")}
+
+
+_fixed_keys = fixed_keys
 
 
 def table_from_measurements(space: SearchSpace, entries: Mapping[str, Mapping[str, Any]],

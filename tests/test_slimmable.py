@@ -174,6 +174,10 @@ def test_cost_models_key_blocks_by_channels():
     s2l0 = {(f["in_c"], f["out_c"]) for f in blocks if f["in_h"] == 8 and f["stride"] == 2}
     assert s2l0 == {(i, o) for i in (8, 16) for o in (8, 16, 24)}
     assert sum(v["role"] == "head_width" for v in items.values()) == 3
+    from nas.cost import fixed_keys
+
+    fixed = fixed_keys(items)  # what tables (and device kits) sum as the fixed part: the widest head only
+    assert set(fixed) == {"stem", "first", "head"} and items[fixed["head"]]["fields"]["in_c"] == 64
     flops = build_flops_model(space, 10)
     rng = random.Random(0)
     archs = [space.largest(10), space.smallest(10)] + [space.sample(10, rng) for _ in range(4)]

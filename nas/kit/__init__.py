@@ -32,7 +32,7 @@ from supernets.space import SearchSpace, SpaceError
 
 from ..cost import (DEFAULT_CALIB_NETS, DEFAULT_MAX_REPEATS, DEFAULT_MAX_SECONDS, DEFAULT_REL_CI, DEFAULT_WARM_CALLS,
                     LatencyTable, arch_net, atomic_write_text, calibration_archs, clean_fraction, describe_reference,
-                    table_from_measurements, table_items, validation_archs)
+                    fixed_keys, table_from_measurements, table_items, validation_archs)
 from ..errors import UserError
 
 KIT_FORMAT = "hwnas-device-kit"
@@ -216,7 +216,7 @@ def import_results(results: str | Path) -> tuple[LatencyTable, dict[str, Any] | 
         entries[key] = {"median_ms": float(r["ratio"]) * ref_ms, "ratio": float(r["ratio"]),
                         "spread": float(r["spread"]), "count": int(r["count"]), "ci": r.get("ci"),
                         "calls": r.get("calls"), "role": v["role"], "fields": v["fields"]}
-    fixed_parts = {v["role"]: k for k, v in expected.items() if v["role"] != "block"}
+    fixed_parts = fixed_keys(expected)  # stem, first, head (not the narrower heads of a space with widths)
     calib_items = d["passes"].get("calibration", {}).get("items", {})
     calib_names = [n for n in calib_items if items.get(n, {}).get("kind") == "calibration"]
     calib_archs = [space.make_arch(items[n]["choices"], num_classes) for n in calib_names]
