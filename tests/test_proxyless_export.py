@@ -155,3 +155,39 @@ def test_export_loads_back_to_the_same_outputs(space, tmp_path):
 def test_load_subnet_refuses_incomplete_folder(tmp_path):
     with pytest.raises(UserError, match="no architecture file"):
         load_subnet(tmp_path)
+
+
+def test_budget_derive_is_the_most_probable_arch_in_the_band(space):
+    """derive=budget: the highest sum log p among archs with predicted latency in [0.9 T, T], checked
+    against every architecture of the tiny space; derive=argmax stays the per-layer argmax."""
+    import itertools
+
+    table = _table(space, seed=3)
+    net = Supernet(space, 4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer, a in zip(space.layers, net.arch_parameters()):
+            a.copy_(torch.randn(len(a), generator=g) * 2)
+            if "zero" in layer.choices:  # the zero op wins the argmax, as in a collapsed search
+                a[layer.choices.index("zero")] = 10.0
+    lo, hi = table.bounds()
+    target = lo + 0.7 * (hi - lo)
+    argmax = ProxylessSearch(net, table, target=target, derive="argmax").derive()
+    assert argmax == net.argmax_arch() and table.predict(argmax) < 0.9 * target
+    derived = ProxylessSearch(net, table, target=target, derive="budget", budget_floor=0.9).derive()
+    logp = {n: torch.log_softmax(a.detach(), 0).tolist() for n, a in zip([l.name for l in space.layers],
+                                                                         net.arch_parameters())}
+
+    def score(choices):
+        return sum(logp[l.name][l.choices.index(c)] for l, c in zip(space.layers, choices))
+
+    best, best_score = None, -math.inf
+    for choices in itertools.product(*[l.choices for l in space.layers]):
+        arch = space.make_arch(dict(zip([l.name for l in space.layers], choices)), 4)
+        if 0.9 * target <= table.predict(arch) <= target and score(choices) > best_score + 1e-9:
+            best, best_score = arch, score(choices)
+    assert best is not None
+    assert 0.9 * target - 1e-3 <= table.predict(derived) <= target
+    assert score([derived.choices[l.name] for l in space.layers]) == pytest.approx(best_score, abs=1e-6)
+    with pytest.raises(UserError, match="derive"):
+        ProxylessSearch(net, table, target=target, derive="best")

@@ -4,7 +4,15 @@ Schedule: ``warmup_epochs`` of weight training on uniformly random paths; then e
 weight step on the training split (one sampled path, SGD) and, every ``arch_every`` batches, one
 architecture step on a batch of the arch split (Adam on alpha, betas (0, 0.999), its own optimizer).
 The architecture loss is the cross-entropy combined with the expected latency E[lat] under
-p = softmax(alpha) (see :func:`latency_loss`). ``derive()`` takes the argmax per layer.
+p = softmax(alpha) (see :func:`latency_loss`).
+
+``derive()``: with ``derive="argmax"`` (the published rule) the most probable candidate per layer.
+The loss steers the *expected* latency, and the argmax of spread-out probabilities can land far from
+it (on texshapes a 0.6 target gave argmax nets at 0.45 of the largest, the zero ops winning the
+argmax in every skippable layer). ``derive="budget"`` (default when there is a latency target) takes
+the most probable architecture, sum_l log p_l, among those whose predicted latency lies in
+``[budget_floor * T, T]`` (an exact group knapsack, :func:`nas.knapsack.group_knapsack`), falling
+back to the argmax when none does or the space has width decisions (their costs are not per layer).
 """
 from __future__ import annotations
 
@@ -17,9 +25,11 @@ from supernets.arch import Arch
 from supernets.mixed import GATE_MODES
 
 from ..errors import UserError
+from ..knapsack import group_knapsack
 from .base import SearchStrategy
 
 LOSS_FORMS = ("mul_log", "add", "abs", "none")
+DERIVE_RULES = ("budget", "argmax")
 
 
 def latency_loss(ce: torch.Tensor, expected: torch.Tensor, target: float | None, form: str = "mul_log",
@@ -52,8 +62,15 @@ class ProxylessSearch(SearchStrategy):
                  weight_decay: float = 4e-5, nesterov: bool = True, arch_lr: float = 0.006,
                  arch_betas: tuple[float, float] = (0.0, 0.999), arch_every: int = 1,
                  loss_form: str = "mul_log", loss_a: float = 0.2, loss_b: float = 0.3,
-                 loss_lambda: float = 0.1, label_smoothing: float = 0.0, grad_clip: float = 5.0):
+                 loss_lambda: float = 0.1, label_smoothing: float = 0.0, grad_clip: float = 5.0,
+                 derive: str = "argmax", budget_floor: float = 0.9):
         super().__init__(supernet, cost_model, target)
+        if derive not in DERIVE_RULES:
+            raise UserError(f"strategy.module.derive={derive!r} is unknown; choose one of: {', '.join(DERIVE_RULES)}")
+        if not 0.0 <= float(budget_floor) <= 1.0:
+            raise UserError(f"strategy.module.budget_floor={budget_floor} must be in [0, 1]")
+        self.derive_rule = derive
+        self.budget_floor = float(budget_floor)
         if loss_form not in LOSS_FORMS:
             raise UserError(f"strategy.module.loss_form={loss_form!r} is unknown; choose one of: {', '.join(LOSS_FORMS)}")
         if gate not in GATE_MODES:
@@ -156,4 +173,18 @@ class ProxylessSearch(SearchStrategy):
             self.log(f"arch_p/{name}", max(p))
 
     def derive(self) -> Arch:
-        return self.supernet.argmax_arch()
+        net = self.supernet
+        layer_costs = getattr(self.cost_model, "layer_costs", None)
+        if self.derive_rule != "budget" or self.target is None or layer_costs is None or net.space.has_widths:
+            return net.argmax_arch()
+        names = [layer.name for layer in net.space.layers]
+        probs = net.probs()
+        values = [[math.log(max(float(p), 1e-30)) for p in probs[n].detach().cpu().tolist()] for n in names]
+        costs = [layer_costs[n] for n in names]
+        fixed = float(self.cost_model.fixed)
+        pick = group_knapsack(values, costs, float(self.target) - fixed,
+                              min_cost=self.budget_floor * float(self.target) - fixed if self.budget_floor else None)
+        if pick is None:
+            return net.argmax_arch()
+        return net.space.make_arch({n: net.space.layers[i].choices[j] for i, (n, j) in enumerate(zip(names, pick))},
+                                   net.num_classes)
