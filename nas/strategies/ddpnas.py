@@ -28,7 +28,7 @@ uses w = 0.07). ``budgets`` export one architecture per cost budget (fraction of
 subnet's cost or an absolute value such as ``"2.5ms"``; default: the latency target): per layer one
 candidate maximising ``sum log score`` under ``fixed + sum layer_cost <= budget``, an exact group
 knapsack (:func:`nas.knapsack.group_knapsack`), among the architectures costing at least
-``budget_floor`` (0.9) of the budget when any does, so that an export uses its budget.
+``budget_floor`` (0.95 in conf/strategy/ddpnas.yaml) of the budget when any does, so that an export uses its budget.
 
 The knapsack chooses among **all** candidates, not only the survivors: a finished search has one
 survivor per layer, so a budget below that network would otherwise be infeasible. A pruned
@@ -286,7 +286,7 @@ class DDPNASSearch(SearchStrategy):
                  temperature: float = 100.0, update: str = "additive", momentum_weight: float = 0.5,
                  warmup_epochs: int = 0, latency_weight: float = 0.0,
                  budgets: Sequence[float | str] | None = None, budget_value: str = "log",
-                 budget_bins: int = 2000, budget_floor: float = 0.9, weight_lr: float = 0.05, weight_momentum: float = 0.9,
+                 budget_bins: int = 2000, budget_floor: float = 0.95, weight_lr: float = 0.05, weight_momentum: float = 0.9,
                  weight_decay: float = 4e-5, nesterov: bool = True, label_smoothing: float = 0.0,
                  grad_clip: float = 5.0, seed: int | None = None):
         super().__init__(supernet, cost_model, target)

@@ -63,7 +63,7 @@ class ProxylessSearch(SearchStrategy):
                  arch_betas: tuple[float, float] = (0.0, 0.999), arch_every: int = 1,
                  loss_form: str = "mul_log", loss_a: float = 0.2, loss_b: float = 0.3,
                  loss_lambda: float = 0.1, label_smoothing: float = 0.0, grad_clip: float = 5.0,
-                 derive: str = "argmax", budget_floor: float = 0.9):
+                 derive: str = "argmax", budget_floor: float = 0.95):
         super().__init__(supernet, cost_model, target)
         if derive not in DERIVE_RULES:
             raise UserError(f"strategy.module.derive={derive!r} is unknown; choose one of: {', '.join(DERIVE_RULES)}")
