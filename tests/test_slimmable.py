@@ -492,6 +492,8 @@ def test_calibration_does_not_collapse_nonuniform_widths():
     from nas.export import evaluate
     from nas.strategies.slimmable import SlimmableSearch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same arithmetic (and accuracies) on every machine
     pl.seed_everything(0, verbose=False)
     space = SearchSpace.from_yaml(SLIM)
     dm = DigitsDataModule(resolution=32, batch_size=64, seed=0)
@@ -505,6 +507,7 @@ def test_calibration_does_not_collapse_nonuniform_widths():
     for name, widths in {"x0.5": [8, 16, 16, 32], "x0.75": [16, 24, 24, 48], "mixed": [8, 24, 16, 48]}.items():
         arch = module.arch_for(widths)
         acc[name] = (evaluate(module.supernet.extract(arch), val), evaluate(module.calibrated_subnet(arch), val))
+    torch.set_num_threads(threads)
     raw_mixed, cal_mixed = acc["mixed"]
     assert cal_mixed >= min(acc["x0.5"][1], acc["x0.75"][1]) - 0.05, acc
     assert cal_mixed >= raw_mixed + 0.2, acc
@@ -545,3 +548,39 @@ def test_ops_searched_with_widths_sandwich_and_greedy_moves():
     first_ops = [r["ops"] for r in rows if r["step"] == 1 and r["layer"]]
     # each op move is one layer one step cheaper: k5_e6 -> k3_e6 at the widest widths
     assert all(sum(o != "k5_e6" for o in ops) == 1 and "k3_e6" in ops for ops in first_ops)
+
+
+SLIM_SEARCH = ("strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops", "hardware.threads=1", "progress=none",
+               "export.calib_batches=2", "export.onnx=false", "strategy.targets=[0.5,0.8]")
+
+
+@pytest.mark.slow
+def test_slimmable_resumes_from_last_checkpoint(tmp_path):
+    import json
+
+    from .conftest import run_app
+
+    run_dir = tmp_path / "run"
+    first = run_app("nas.search", *SLIM_SEARCH, "strategy.epochs=1", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.describe()
+    second = run_app("nas.search", *SLIM_SEARCH, "strategy.epochs=2", f"hydra.run.dir={run_dir}")
+    assert second.returncode == 0, second.describe()
+    assert "resuming from" in second.stdout
+    report = json.loads((run_dir / "export" / "t0.50" / "report.json").read_text())
+    assert report["search_cost"]["epochs"] == 2  # one epoch from each run, not two from the second
+
+
+@pytest.mark.slow
+def test_slimmable_ddp_on_two_cpu_processes_ranks_agree(tmp_path):
+    import json
+
+    from .conftest import run_app
+
+    run_dir = tmp_path / "ddp"
+    run = run_app("nas.search", *SLIM_SEARCH, "strategy.epochs=1", "trainer=ddp", "trainer.devices=2",
+                  f"hydra.run.dir={run_dir}")
+    assert run.returncode == 0, run.describe()
+    reports = [json.loads(p.read_text()) for p in run_dir.rglob("report.json")]
+    assert sorted(r["label"] for r in reports) == ["t0.50", "t0.80"]  # rank 0 alone exports
+    for report in reports:
+        assert report["distributed"]["world_size"] == 2 and report["distributed"]["ranks_agree"] is True
