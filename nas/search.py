@@ -106,7 +106,7 @@ def run_search(cfg: DictConfig) -> float:
     import pytorch_lightning as pl
     import torch
 
-    from supernets.supernet import Supernet
+    from supernets.supernet import WEIGHT_SHARING, Supernet
 
     t_start = time.perf_counter()
     # ---- everything a user can get wrong is checked here, before any training
@@ -124,7 +124,13 @@ def run_search(cfg: DictConfig) -> float:
     num_classes = datamodule.num_classes
     cost_model = make_cost_model(cfg, space, device, num_classes)
     target = cost_model.resolve_target(cfg.strategy.get("latency_target"))
-    supernet = Supernet(space, num_classes, weight_sharing=str(cfg.supernet.weight_sharing))
+    sharing = str(cfg.supernet.weight_sharing)
+    if sharing not in WEIGHT_SHARING:
+        raise UserError(f"supernet.weight_sharing={sharing!r} is unknown; choose one of {', '.join(WEIGHT_SHARING)}")
+    if space.has_widths and sharing != "elastic":
+        raise UserError(f"space={space.name} has width decisions, which slice one set of shared weights: "
+                        f"supernet.weight_sharing must be elastic (drop supernet.weight_sharing={sharing})")
+    supernet = Supernet(space, num_classes, weight_sharing=sharing)
     module = instantiate(cfg.strategy.module)(supernet=supernet, cost_model=cost_model, target=target)
     logger = make_logger(cfg.get("logger"))
     lo, hi = cost_model.bounds()

@@ -177,6 +177,19 @@ def test_search_data_folder_left_out_is_named(tmp_path):
     assert_refused(run, run_dir, "error: data.root")
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (("strategy=ddpnas",), "use strategy=slimmable"),
+    (("supernet.weight_sharing=separate",), "supernet.weight_sharing must be elastic"),
+    (("supernet.weight_sharing=nope",), "choose one of elastic, separate"),
+])
+def test_search_width_space_combinations_refused(overrides, message, tmp_path):
+    """Settings that cannot work with a width space stop with one message (FLOPs: no table to build)."""
+    run_dir = tmp_path / "run"
+    run = run_app("nas.search", "space=mbv2_tiny_slim", "hardware=flops", *overrides, "progress=none",
+                  f"hydra.run.dir={run_dir}")
+    assert_refused(run, run_dir, "error:", message)
+
+
 def test_search_unreachable_latency_target(smoke_search, shared_cache, tmp_path):
     """Needs the latency table: the one the smoke search built (shared cache) is reused."""
     run_dir = tmp_path / "run"

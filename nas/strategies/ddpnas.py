@@ -290,6 +290,10 @@ class DDPNASSearch(SearchStrategy):
                  weight_decay: float = 4e-5, nesterov: bool = True, label_smoothing: float = 0.0,
                  grad_clip: float = 5.0, seed: int | None = None):
         super().__init__(supernet, cost_model, target)
+        if supernet.space.has_widths:
+            raise UserError(f"strategy=ddpnas searches op choices only, and space={supernet.space.name} has width "
+                            f"decisions; use strategy=slimmable (strategy.module.ops=search searches ops too) or "
+                            f"a space without widths such as space=mbv2_tiny")
         if update not in UPDATE_RULES:
             raise UserError(f"strategy.module.update={update!r} is unknown; choose one of {', '.join(UPDATE_RULES)}")
         if budget_value not in BUDGET_VALUES:
