@@ -78,7 +78,8 @@ def group_knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[f
     # integer grid: excess costs rounded up, capacity `bins` (or 0 when only the cheapest items fit)
     if slack > 0:
         step = slack / bins
-        units = [np.where(u, np.ceil(e / step), np.inf) for e, u in zip(excess, usable)]
+        # (less a float tolerance: a selection costing exactly the budget must not round past it)
+        units = [np.where(u, np.ceil(e / step - 1e-9), np.inf) for e, u in zip(excess, usable)]
         cap = bins
     else:
         units = [np.where(u & (e <= 0), 0.0, np.inf) for e, u in zip(excess, usable)]

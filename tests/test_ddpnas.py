@@ -262,17 +262,26 @@ def test_search_runs_to_one_survivor_and_exports_within_budgets(space, tmp_path)
     assert set(archs) == {"argmax", "budget_0.75", "budget_1.6ms"}
     lo, hi = table.bounds()
     assert m.budgets == {"budget_0.75": pytest.approx(0.75 * hi), "budget_1.6ms": pytest.approx(1.6)}
+    assert m.export_target("budget_1.6ms", 9.9) == pytest.approx(1.6) and m.export_target("argmax", 9.9) == 9.9
     for label, ms in m.budgets.items():
         assert table.predict(archs[label]) <= ms
-    # an unconstrained budget gives the argmax architecture (scores follow the pruning order)
-    assert m.derive_budget(hi) == archs["argmax"]
-    # the knapsack export is the optimum over all architectures of the space
+    # the knapsack export is the optimum over all architectures of the space costing in
+    # [floor * budget, budget] (the whole space below the budget without a floor)
     scores = m.state.export_scores()
-    for label, ms in m.budgets.items():
-        best = max((a for a in itertools.product(*[range(len(l.choices)) for l in space.layers])
-                    if table.fixed + sum(table.layer_costs[l.name][i] for l, i in zip(space.layers, a)) <= ms),
-                   key=lambda a: sum(math.log(scores[g][i]) for g, i in enumerate(a)))
-        assert archs[label] == m.arch_of(best)
+    cost = lambda a: table.fixed + sum(table.layer_costs[l.name][i] for l, i in zip(space.layers, a))  # noqa: E731
+    every = list(itertools.product(*[range(len(l.choices)) for l in space.layers]))
+    for floor in (m.budget_floor, 0.0):
+        m.budget_floor = floor
+        for ms in m.budgets.values():  # (not at hi: the grid may hide a net costing exactly the budget)
+            band = [a for a in every if floor * ms - 1e-3 <= cost(a) <= ms]
+            best = max(band, key=lambda a: sum(math.log(scores[g][i]) for g, i in enumerate(a)))
+            got = m.derive_budget(ms)
+            assert floor * ms - 1e-3 <= table.predict(got) <= ms
+            assert sum(math.log(scores[l_][got.choices[l.name] and l.choices.index(got.choices[l.name])])
+                       for l_, l in enumerate(space.layers)) == pytest.approx(
+                sum(math.log(scores[g][i]) for g, i in enumerate(best)))
+    # no floor, an unconstrained budget: the argmax architecture (scores follow the pruning order)
+    assert m.derive_budget(hi) == archs["argmax"]
     # the pruning-order plot
     plots = m.extra_plots()
     out = tmp_path / "pruning_order.png"

@@ -394,6 +394,10 @@ class DDPNASSearch(SearchStrategy):
         pick = group_knapsack(values, costs, budget - self.cost_model.fixed, bins=self.budget_bins, min_cost=floor)
         return None if pick is None else self.arch_of(pick)
 
+    def export_target(self, label: str, default: float | None = None) -> float | None:
+        """The budget (in the cost model's unit) an export stands for; the argmax keeps the run's target."""
+        return self.budgets.get(label, default)
+
     def derive_all(self) -> dict[str, Arch]:
         out = {"argmax": self.derive()}
         for label, ms in self.budgets.items():
