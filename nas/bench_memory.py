@@ -115,6 +115,19 @@ def force_path(net, arch, pair_seed: int = 0) -> None:
             m._pair = None
 
 
+def _weight_step(net, opt, params, x, y) -> float:
+    """One complete SGD step on (x, y): zero_grad, forward, cross-entropy, backward, clip, step."""
+    import torch
+    import torch.nn.functional as F
+
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 5.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def build_step(name: str, space, num_classes: int, path, batch: tuple, *, lr: float = 0.05,
                seed: int = 0) -> tuple[Callable[[], float], Any]:
     """The step function of configuration ``name`` and its module (for parameter counts)."""
@@ -132,15 +145,7 @@ def build_step(name: str, space, num_classes: int, path, batch: tuple, *, lr: fl
         params = list(net.parameters())
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=4e-5, nesterov=True)
 
-        def step() -> float:
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            return float(loss.detach())
-
-        return step, net
+        return (lambda: _weight_step(net, opt, params, x, y)), net
 
     gate, phase, sharing = name.split("/")
     net = Supernet(space, num_classes, gate=gate, weight_sharing=sharing).train()
@@ -156,12 +161,7 @@ def build_step(name: str, space, num_classes: int, path, batch: tuple, *, lr: fl
             net.set_phase("weight")
             net.sample("probs", gen)
             force_path(net, path, seed)
-            opt_w.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(wparams, 5.0)
-            opt_w.step()
-            return float(loss.detach())
+            return _weight_step(net, opt_w, wparams, x, y)
     else:
         def step() -> float:
             net.set_phase("arch")
