@@ -164,13 +164,53 @@ class CostModel:
         return total
 
     def expected(self, probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Expected cost under per-layer choice probabilities (differentiable)."""
+        """Expected cost under independent per-decision choice probabilities (differentiable).
+
+        With width decisions in ``probs`` (``s{i}.width``) the expectation is exact over widths too: a
+        stage's first layer costs ``sum p(op) p(in width) p(out width) c(op, in, out)`` (its input is
+        the previous stage's width), its other layers ``sum p(op) p(w) c(op, w, w)``, and the head
+        adds ``sum p(last width) head_delta``. Without them, every stage is at its widest."""
+        if self.width_costs is not None and any(d in probs for d in self.space.width_decisions()):
+            return self._expected_over_widths(probs)
         total = None
         for layer in self.space.layers:
             p = probs[layer.name]
             term = (p * self._vec(layer.name, p)).sum()
             total = term if total is None else total + term
         return total + self.fixed
+
+    def _width_tensor(self, layer, like: torch.Tensor) -> torch.Tensor:
+        """Costs of ``layer`` as ``[op, in width, out width]`` (first layer of a stage) or ``[op, width]``."""
+        key = (f"w:{layer.name}", like.device, like.dtype)
+        if key not in self._tensors:
+            sp = self.space
+            outs = sp.stage_widths[layer.stage - 1]
+            if layer.index == 0:
+                ins = sp.stage_widths[layer.stage - 2] if layer.stage > 1 else (sp.first.out_chs,)
+                vals = [[[self.layer_cost(layer, op, i, o) for o in outs] for i in ins] for op in layer.choices]
+            else:
+                vals = [[self.layer_cost(layer, op, w, w) for w in outs] for op in layer.choices]
+            self._tensors[key] = torch.tensor(vals, device=like.device, dtype=like.dtype)
+        return self._tensors[key]
+
+    def _expected_over_widths(self, probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        sp = self.space
+        like = next(iter(probs.values()))
+        widest = {d: torch.nn.functional.one_hot(torch.tensor(len(ws) - 1), len(ws)).to(like)
+                  for d, ws in zip(sp.width_decisions(), sp.stage_widths)}
+        pw = [probs.get(d, widest[d]) for d in sp.width_decisions()]
+        last = torch.tensor([self.head_delta.get(w, 0.0) for w in sp.stage_widths[-1]], device=like.device,
+                            dtype=like.dtype)
+        total = self.fixed + (pw[-1] * last).sum()
+        for layer in sp.layers:
+            c = self._width_tensor(layer, like)
+            p_op, p_out = probs[layer.name], pw[layer.stage - 1]
+            if layer.index == 0:
+                p_in = pw[layer.stage - 2] if layer.stage > 1 else torch.ones(1, device=like.device, dtype=like.dtype)
+                total = total + torch.einsum("k,kio,i,o->", p_op, c, p_in, p_out)
+            else:
+                total = total + torch.einsum("k,kw,w->", p_op, c, p_out)
+        return total
 
     def bounds(self) -> tuple[float, float]:
         """Cost of the cheapest and the most expensive architecture (exact: the model is additive)."""

@@ -10,6 +10,7 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models._efficientnet_builder import efficientnet_init_weights
 
 from .arch import Arch
@@ -24,7 +25,14 @@ WEIGHT_SHARING = ("elastic", "separate")
 
 class Supernet(nn.Module):
     """``bn`` (spaces with widths only): ``switchable`` (one BatchNorm per width) or ``shared`` (one,
-    sliced; recalibrate before evaluating a width), see :mod:`supernets.slimmable`."""
+    sliced; recalibrate before evaluating a width), see :mod:`supernets.slimmable`.
+
+    Width decisions have logits too (``width_alpha[i]`` for stage ``i + 1``, in
+    :meth:`arch_parameters`): :meth:`sample` draws one width per stage with the ops (uniformly or
+    from p = softmax), :meth:`probs` and :meth:`argmax_arch` include them. A sampled width is one
+    discrete slice, so no gradient reaches its logits through the forward pass: ProxylessNAS trains
+    them with REINFORCE (:meth:`width_log_prob`) and the expected latency.
+    """
 
     def __init__(self, space: SearchSpace, num_classes: int, gate: str = "one", weight_sharing: str = "elastic",
                  bn: str = "switchable"):
@@ -54,6 +62,8 @@ class Supernet(nn.Module):
             for m in self.mixed_ops():
                 m.alpha.zero_()
         self.set_gate(gate)
+        # logits of the width decisions, one vector per stage (zeros: uniform)
+        self.width_alpha = nn.ParameterList([nn.Parameter(torch.zeros(len(ws))) for ws in space.stage_widths])
         self.widths: list[int] = [max(ws) for ws in space.stage_widths]
         if space.has_widths:
             self.set_widths(self.widths)
@@ -82,7 +92,7 @@ class Supernet(nn.Module):
         return zip((layer.name for layer in self.space.layers), self.mixed_ops())
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        return [m.alpha for m in self.mixed_ops()]
+        return [m.alpha for m in self.mixed_ops()] + list(self.width_alpha)
 
     def weight_parameters(self) -> list[nn.Parameter]:
         arch = {id(p) for p in self.arch_parameters()}
@@ -103,22 +113,47 @@ class Supernet(nn.Module):
             m.phase = phase
 
     def sample(self, how: str = "probs", generator: torch.Generator | None = None) -> None:
+        """Sample every layer's path and (spaces with widths) every stage's width: ``uniform`` or from
+        p = softmax(alpha) (``probs``)."""
         for m in self.mixed_ops():
             m.sample(how, generator)
+        if self.space.has_widths:
+            idx = []
+            for a in self.width_alpha:
+                if how == "uniform":
+                    idx.append(int(torch.randint(len(a), (1,), generator=generator)))
+                else:
+                    p = F.softmax(a.detach().float().cpu(), dim=0)
+                    idx.append(int(torch.multinomial(p, 1, generator=generator)))
+            self.set_widths([ws[i] for ws, i in zip(self.space.stage_widths, idx)])
+
+    def width_log_prob(self) -> torch.Tensor:
+        """log p of the current widths under softmax(width_alpha) (differentiable; 0 without widths)."""
+        total = torch.zeros((), device=next(self.parameters()).device)
+        for a, ws, w in zip(self.width_alpha, self.space.stage_widths, self.widths):
+            total = total + F.log_softmax(a, dim=0)[ws.index(w)]
+        return total
 
     def path_state(self) -> torch.Tensor:
-        """The sampled path as one tensor (active index and pair per layer; -1 = no pair), so that
-        distributed ranks can agree on it by a broadcast."""
+        """The sampled path as one tensor (active index and pair per layer; -1 = no pair; then one
+        row per stage with the index of its width), so that distributed ranks can agree on it by a
+        broadcast."""
         rows = []
         for m in self.mixed_ops():
             pair = m._pair.tolist() if m._pair is not None else [-1, -1]
             rows.append([m.active, int(m.fixed), *pair])
+        for ws, w in zip(self.space.stage_widths, self.widths):
+            rows.append([ws.index(w), 0, -1, -1])
         return torch.tensor(rows, dtype=torch.long)
 
     def load_path_state(self, state: torch.Tensor) -> None:
-        for m, (active, fixed, p0, p1) in zip(self.mixed_ops(), state.tolist()):
+        rows = state.tolist()
+        n = len(self.space.layers)
+        for m, (active, fixed, p0, p1) in zip(self.mixed_ops(), rows[:n]):
             m.active, m.fixed = int(active), bool(fixed)
             m._pair = None if p0 < 0 else torch.tensor([p0, p1])
+        if self.space.has_widths:
+            self.set_widths([ws[int(r[0])] for ws, r in zip(self.space.stage_widths, rows[n:])])
 
     def rescale_pairs(self) -> None:
         for m in self.mixed_ops():
@@ -151,10 +186,16 @@ class Supernet(nn.Module):
                                      **self.width_choices()}, self.num_classes)
 
     def probs(self) -> dict[str, torch.Tensor]:
-        return {n: m.probs() for n, m in self.named_mixed_ops()}
+        """p = softmax(alpha) of every decision: layers, then (spaces with widths) ``s{i}.width``."""
+        out = {n: m.probs() for n, m in self.named_mixed_ops()}
+        out.update({n: F.softmax(a, dim=0) for n, a in zip(self.space.width_decisions(), self.width_alpha)})
+        return out
 
     def argmax_arch(self) -> Arch:
-        return self.space.make_arch({**{n: m.argmax() for n, m in self.named_mixed_ops()}, **self.width_choices()},
+        """The most probable choice of every decision (widths included)."""
+        widths = {n: width_choice(ws[int(a.detach().argmax())])
+                  for n, a, ws in zip(self.space.width_decisions(), self.width_alpha, self.space.stage_widths)}
+        return self.space.make_arch({**{n: m.argmax() for n, m in self.named_mixed_ops()}, **widths},
                                     self.num_classes)
 
     # ------------------------------------------------------------------ forward / extract

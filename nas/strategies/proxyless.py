@@ -12,10 +12,23 @@ it (on texshapes a 0.6 target gave argmax nets at 0.45 of the largest, the zero 
 argmax in every skippable layer). ``derive="budget"`` (default when there is a latency target) takes
 the most probable architecture, sum_l log p_l, among those whose predicted latency lies in
 ``[budget_floor * T, T]`` (an exact group knapsack, :func:`nas.knapsack.group_knapsack`), falling
-back to the argmax when none does or the space has width decisions (their costs are not per layer).
+back to the argmax when none does.
+
+Widths (spaces with ``s{i}.width`` decisions) are searched with the ops: every sampled path also
+draws one width per stage from p = softmax of the stage's width logits (uniformly in the warm-up),
+and the supernet runs that slice of the shared weights. A width is a discrete slice, so the gate
+gradient of the ops has no counterpart for it; its logits learn from REINFORCE (the ProxylessNAS
+paper's alternative for non-differentiable choices): the architecture loss adds
+``(L - b) * log p(sampled widths)`` with ``L`` the (detached) architecture loss and ``b`` its moving
+average (``width_baseline_decay``), and the expected latency is exact over widths
+(:meth:`nas.cost.CostModel.expected`, from the table's entries per width), so the latency term
+reaches the width logits directly. ``derive="budget"`` then maximises sum log p over ops *and*
+widths: one knapsack over the ops per combination of stage widths (the ``max_width_combos`` most
+probable combinations).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -23,6 +36,7 @@ import torch.nn.functional as F
 
 from supernets.arch import Arch
 from supernets.mixed import GATE_MODES
+from supernets.space import width_choice
 
 from ..errors import UserError
 from ..knapsack import group_knapsack
@@ -63,8 +77,16 @@ class ProxylessSearch(SearchStrategy):
                  arch_betas: tuple[float, float] = (0.0, 0.999), arch_every: int = 1,
                  loss_form: str = "mul_log", loss_a: float = 0.2, loss_b: float = 0.3,
                  loss_lambda: float = 0.1, label_smoothing: float = 0.0, grad_clip: float = 5.0,
-                 derive: str = "argmax", budget_floor: float = 0.95):
+                 derive: str = "argmax", budget_floor: float = 0.95, width_baseline_decay: float = 0.9,
+                 max_width_combos: int = 2048):
         super().__init__(supernet, cost_model, target)
+        if not 0.0 <= float(width_baseline_decay) < 1.0:
+            raise UserError(f"strategy.module.width_baseline_decay={width_baseline_decay} must be in [0, 1)")
+        self.width_baseline_decay = float(width_baseline_decay)
+        self.max_width_combos = max(1, int(max_width_combos))
+        self.search_widths = self.supernet.space.has_widths
+        # moving average of the architecture loss: the REINFORCE baseline of the width logits (NaN: none yet)
+        self.register_buffer("width_baseline", torch.tensor(float("nan")))
         if derive not in DERIVE_RULES:
             raise UserError(f"strategy.module.derive={derive!r} is unknown; choose one of: {', '.join(DERIVE_RULES)}")
         if not 0.0 <= float(budget_floor) <= 1.0:
@@ -135,6 +157,8 @@ class ProxylessSearch(SearchStrategy):
                 ce = F.cross_entropy(net(xa), ya)
                 exp_lat = self.expected_latency()
                 arch_loss = latency_loss(ce, exp_lat, self.target, **self.loss_args)
+                if self.search_widths:
+                    arch_loss = arch_loss + self.width_reinforce(arch_loss.detach())
                 arch_loss.backward()  # alpha is outside DDP: a plain backward, reduced below
             finally:
                 for p in weights:
@@ -149,6 +173,20 @@ class ProxylessSearch(SearchStrategy):
             self.log("arch/expected_ms", exp_lat.detach(), prog_bar=True, on_step=False, on_epoch=True,
                      batch_size=len(ya))
         return loss
+
+    def width_reinforce(self, reward: torch.Tensor) -> torch.Tensor:
+        """The REINFORCE term of the width logits for the sampled widths: ``(L - b) * log p(widths)``
+        (its value is not a loss to read; its gradient is the estimator). ``b`` is the moving average
+        of ``L`` before this step (the first step has no baseline, so it adds nothing); under DDP the
+        ranks' mean ``L`` is used, so every rank keeps the same baseline."""
+        reward = reward.float()
+        if self.distributed:
+            reward = self.trainer.strategy.reduce(reward, reduce_op="mean")
+        b = self.width_baseline
+        advantage = torch.zeros_like(reward) if torch.isnan(b) else reward - b
+        d = self.width_baseline_decay
+        self.width_baseline.copy_(reward if torch.isnan(b) else d * b + (1 - d) * reward)
+        return advantage.to(reward.device) * self.supernet.width_log_prob()
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -175,16 +213,41 @@ class ProxylessSearch(SearchStrategy):
     def derive(self) -> Arch:
         net = self.supernet
         layer_costs = getattr(self.cost_model, "layer_costs", None)
-        if self.derive_rule != "budget" or self.target is None or layer_costs is None or net.space.has_widths:
+        if self.derive_rule != "budget" or self.target is None or layer_costs is None:
             return net.argmax_arch()
-        names = [layer.name for layer in net.space.layers]
-        probs = net.probs()
-        values = [[math.log(max(float(p), 1e-30)) for p in probs[n].detach().cpu().tolist()] for n in names]
-        costs = [layer_costs[n] for n in names]
-        fixed = float(self.cost_model.fixed)
-        pick = group_knapsack(values, costs, float(self.target) - fixed,
-                              min_cost=self.budget_floor * float(self.target) - fixed if self.budget_floor else None)
-        if pick is None:
-            return net.argmax_arch()
-        return net.space.make_arch({n: net.space.layers[i].choices[j] for i, (n, j) in enumerate(zip(names, pick))},
-                                   net.num_classes)
+        sp = net.space
+        probs = {k: [math.log(max(float(p), 1e-30)) for p in v.detach().cpu().tolist()] for k, v in net.probs().items()}
+        values = [probs[layer.name] for layer in sp.layers]
+        target = float(self.target)
+        floor = self.budget_floor * target if self.budget_floor else None
+        if not sp.has_widths:
+            fixed = float(self.cost_model.fixed)
+            pick = group_knapsack(values, [layer_costs[layer.name] for layer in sp.layers], target - fixed,
+                                  min_cost=None if floor is None else floor - fixed)
+            return net.argmax_arch() if pick is None else self._arch(pick, {})
+        # widths: one knapsack over the ops per combination of stage widths, the most probable combinations first
+        wlogp = [probs[d] for d in sp.width_decisions()]
+        combos = sorted(itertools.product(*[range(len(ws)) for ws in sp.stage_widths]),
+                        key=lambda c: -sum(lp[i] for lp, i in zip(wlogp, c)))[: self.max_width_combos]
+        best = None  # ((in band, value), arch)
+        for combo in combos:
+            widths = {d: width_choice(ws[i]) for d, ws, i in zip(sp.width_decisions(), sp.stage_widths, combo)}
+            probe = sp.make_arch({**{layer.name: layer.choices[0] for layer in sp.layers}, **widths}, net.num_classes)
+            chs = sp.layer_chs(probe)
+            fixed = float(self.cost_model.fixed) + self.cost_model.head_delta.get(sp.last_width(probe), 0.0)
+            costs = [[self.cost_model.layer_cost(layer, op, ci, co) for op in layer.choices]
+                     for layer, (ci, co) in zip(sp.layers, chs)]
+            pick = group_knapsack(values, costs, target - fixed, min_cost=None if floor is None else floor - fixed)
+            if pick is None:
+                continue
+            cost = fixed + sum(c[j] for c, j in zip(costs, pick))
+            value = sum(v[j] for v, j in zip(values, pick)) + sum(lp[i] for lp, i in zip(wlogp, combo))
+            key = (floor is None or cost >= floor * (1 - 1e-9), value)
+            if best is None or key > best[0]:
+                best = (key, self._arch(pick, widths))
+        return net.argmax_arch() if best is None else best[1]
+
+    def _arch(self, pick, widths) -> Arch:
+        sp = self.supernet.space
+        return sp.make_arch({**{layer.name: layer.choices[j] for layer, j in zip(sp.layers, pick)}, **widths},
+                            self.supernet.num_classes)
