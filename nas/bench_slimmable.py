@@ -1,39 +1,92 @@
-"""Slimmable training vs. each width trained alone (issue 4's acceptance measurement).
+"""Slimmable training vs. each width trained alone, and the width search vs. uniform widths
+(issue 4's acceptance measurements).
 
-    python -m nas.bench_slimmable data=digits epochs=10
-    python -m nas.bench_slimmable data=texshapes epochs=10 bn=shared out=/tmp/slim_texshapes.json
-    python -m nas.bench_slimmable data=digits lut=<table.json> targets=0.5,0.7,0.9   # costs in table ms
+    python -m nas.bench_slimmable data=digits epochs=10 seeds=0,1,2
+    python -m nas.bench_slimmable data=texshapes_width epochs=10 seeds=0,1,2 jobs=2
+    python -m nas.bench_slimmable space=mbv2_small_slim hardware=onnxruntime hardware.threads=1 \\
+        targets=0.5,0.7,0.9 seeds=0,1,2 jobs=2 out=/tmp/slim_ort
 
-One slimmable supernet (sandwich rule, in-place distillation, ``bn`` switchable or shared) is trained
-for ``epochs`` epochs; then every uniform width of the space (each multiplier of its ``widths``) is
-extracted, BN-calibrated and evaluated on the test split. Each of those widths is also trained
-alone, from scratch, for the same epochs with the same optimizer (SGD, cosine, batch size, gradient
-clipping), and evaluated on the same test split. Then the greedy width search runs on the trained
-supernet for ``targets`` (arch split, as in ``nas-search``) and its networks are evaluated on the test
-split too, beside the uniform widths of similar cost (the uniform-width baseline). Costs are FLOPs,
-or table ms with ``lut=<latency table file>``. Prints both tables and writes them as JSON (``out``).
-Arguments are ``key=value``; the data and space configs are the Hydra groups of ``nas-search``.
+Per seed: one slimmable supernet (sandwich rule, in-place distillation, ``bn`` switchable or shared)
+is trained for ``epochs`` epochs; every uniform width of the space (each multiplier of its
+``widths``) is extracted, BN-calibrated and evaluated on the test split. Each of those widths is
+also trained alone, from scratch, for the same epochs with the same optimizer (SGD, cosine, batch
+size, gradient clipping) and evaluated on the same test split. Then the greedy width search runs on
+the trained supernet for ``targets`` (evaluating on the arch split, as ``nas-search`` does) and its
+networks are evaluated on the test split too.
+
+Costs come from ``hardware`` (default ``flops``; a timed device such as ``onnxruntime`` uses its
+latency table, cached or built as ``nas-search`` does). On a timed device, after training (so that
+the machine is quiet), every uniform-width net and every searched net is measured end to end on the
+device, and each searched net is compared with the uniform-width curve at its measured latency
+(linear interpolation between the two uniform widths around it): the *uniform-width baseline at the
+same latency*. Seeds run ``jobs`` at a time in separate processes (one torch thread each).
+
+Arguments are ``key=value``; ``data``, ``space``, ``hardware`` and any dotted key (``data.n_train=...``,
+``hardware.threads=1``, ``lut.path=...``) are Hydra overrides of ``nas-search``'s config. Prints
+markdown tables, and with ``out=<dir>`` writes ``slimmable_bench.json``, ``slimmable_bench.md`` and
+``slimmable_bench.png`` (accuracy against cost) there.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+OPTS = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "10", "seeds": "0",
+        "jobs": "1", "bn": "switchable", "n_random": "2", "distill": "true", "out": "", "threads": "1",
+        "targets": "0.4,0.6,0.8"}
 
-def _parse(argv: list[str]) -> dict[str, str]:
-    opts = {"data": "digits", "space": "mbv2_tiny_slim", "epochs": "10", "seed": "0", "bn": "switchable",
-            "n_random": "2", "distill": "true", "out": "", "threads": "1", "lut": "", "targets": "0.4,0.6,0.8"}
+
+def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    opts, extra = dict(OPTS), []
     for a in argv:
         if "=" not in a:
-            raise SystemExit(f"arguments are key=value (keys: {', '.join(opts)}); got {a!r}")
+            raise SystemExit(f"arguments are key=value (keys: {', '.join(OPTS)}, or dotted Hydra overrides such "
+                             f"as data.n_train=10000); got {a!r}")
         k, v = a.split("=", 1)
-        if k not in opts:
-            raise SystemExit(f"unknown key {k!r}; keys: {', '.join(opts)}")
-        opts[k] = v
-    return opts
+        if "." in k.lstrip("+~"):
+            extra.append(a)
+        elif k in OPTS:
+            opts[k] = v
+        else:
+            raise SystemExit(f"unknown key {k!r}; keys: {', '.join(OPTS)}, or dotted Hydra overrides")
+    return opts, extra
+
+
+def _compose(opts: dict[str, str], extra: list[str], seed: int):
+    from hydra import compose, initialize_config_dir
+
+    from .cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("search", overrides=[f"data={opts['data']}", f"space={opts['space']}",
+                                            f"hardware={opts['hardware']}", f"seed={seed}", "progress=none", *extra])
+
+
+def _setup(opts: dict[str, str], extra: list[str], seed: int, log=print):
+    """(cfg, space, datamodule, device, cost model, flops model) of one seed."""
+    from .cli import instantiate, make_cost_model, make_device, make_space
+    from .cost import build_flops_model
+
+    cfg = _compose(opts, extra, seed)
+    space = make_space(cfg.space)
+    dm = instantiate(cfg.data)
+    device = make_device(cfg.hardware)
+    cost = make_cost_model(cfg, space, device, dm.num_classes, log=log)
+    return cfg, space, dm, device, cost, build_flops_model(space, dm.num_classes)
+
+
+def uniform_widths(space) -> dict[float, list[int]]:
+    """Channels per stage of every uniform width multiplier of ``space`` (``{0.25: [8, 8, 8, 16], ...}``)."""
+    from supernets.space import make_divisible
+
+    mults = sorted(float(m) for m in space.spec_dict.get("widths") or [1.0])
+    divisor = int(space.spec_dict.get("width_divisor", 8))
+    bases = [max(ws) / max(mults) for ws in space.stage_widths]
+    return {m: [make_divisible(b * m, divisor) for b in bases] for m in mults}
 
 
 def train_alone(net, datamodule, epochs: int, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 4e-5,
@@ -56,37 +109,26 @@ def train_alone(net, datamodule, epochs: int, lr: float = 0.05, momentum: float 
     return time.perf_counter() - t0
 
 
-def run(opts: dict[str, str]) -> dict[str, Any]:
+def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any]:
+    """One slimmable run, every uniform width alone, and the width search: accuracies and archs."""
     import pytorch_lightning as pl
     import torch
-    from hydra import compose, initialize_config_dir
 
     from supernets.blocks import space_timm_net
-    from supernets.space import make_divisible
     from supernets.supernet import Supernet
 
-    from .cli import CONF_DIR, instantiate, make_space
-    from .cost import LatencyTable, build_flops_model
     from .export import evaluate
     from .strategies.slimmable import SlimmableSearch
 
     torch.set_num_threads(int(opts["threads"]))
-    seed, epochs = int(opts["seed"]), int(opts["epochs"])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("search", overrides=[f"data={opts['data']}", f"space={opts['space']}", f"seed={seed}"])
-    space = make_space(cfg.space)
-    dm = instantiate(cfg.data)
+    epochs = int(opts["epochs"])
+    cfg, space, dm, _device, cost, flops = _setup(opts, extra, seed, log=lambda m: None)
     nc = dm.num_classes
-    flops = build_flops_model(space, nc)
-    cost = LatencyTable.load(opts["lut"], space) if opts["lut"] else flops
     targets = [t if t.endswith(("ms", "MFLOPs")) else float(t) for t in opts["targets"].split(",") if t]
-    mults = sorted(float(m) for m in space.spec_dict.get("widths") or [1.0])
-    divisor = int(space.spec_dict.get("width_divisor", 8))
-    bases = [max(ws) / max(mults) for ws in space.stage_widths]
-
     pl.seed_everything(seed, verbose=False)
     module = SlimmableSearch(Supernet(space, nc), cost, targets=targets, bn=opts["bn"], n_random=int(opts["n_random"]),
-                             distill=opts["distill"].lower() in ("1", "true", "yes"), calib_batches=20)
+                             distill=opts["distill"].lower() in ("1", "true", "yes"),
+                             calib_batches=int(cfg.export.calib_batches))
     trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     t0 = time.perf_counter()
@@ -94,48 +136,186 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     slim_seconds = time.perf_counter() - t0
     test = list(dm.test_dataloader())
     rows = []
-    for m in mults:
-        widths = [make_divisible(b * m, divisor) for b in bases]
+    for m, widths in uniform_widths(space).items():
         arch = module.arch_for(widths)
         slim_acc = evaluate(module.calibrated_subnet(arch), test)
         pl.seed_everything(seed, verbose=False)
         alone = space_timm_net(space, arch, nc)
         secs = train_alone(alone, dm, epochs)
         alone_acc = evaluate(alone, test)
-        rows.append({"multiplier": m, "widths": widths, "mflops": flops.predict(arch), "cost": cost.predict(arch),
-                     "slimmable_acc": slim_acc,
-                     "alone_acc": alone_acc, "diff_points": 100 * (slim_acc - alone_acc), "alone_seconds": secs})
-        print(f"x{m:<5} widths {widths}: slimmable {100 * slim_acc:.2f}%  alone {100 * alone_acc:.2f}%  "
-              f"({100 * (slim_acc - alone_acc):+.2f} points)", flush=True)
+        rows.append({"multiplier": m, "widths": widths, "choices": dict(arch.choices), "mflops": flops.predict(arch),
+                     "cost": cost.predict(arch), "slimmable_acc": slim_acc, "alone_acc": alone_acc,
+                     "alone_seconds": secs})
+        print(f"seed {seed} x{m:<5} widths {widths}: slimmable {100 * slim_acc:.2f}%  alone {100 * alone_acc:.2f}%",
+              flush=True)
     found = module.width_search(log=None)["found"]
     searched = []
     for label, f in found.items():
-        acc = evaluate(module.calibrated_subnet(f["arch"]), test)
-        searched.append({"label": label, "target": f["target"], "widths": module.supernet.space.widths(f["arch"]),
-                         "cost": f["cost"], "arch_split_acc": f["acc"], "test_acc": acc})
-    result = {"data": opts["data"], "space": space.name, "epochs": epochs, "seed": seed, "bn": opts["bn"],
-              "n_random": int(opts["n_random"]), "distill": opts["distill"], "slimmable_seconds": slim_seconds,
-              "cost_unit": cost.unit, "rows": rows, "searched": searched}
-    print(f"\n| width | channels per stage | MFLOPs | slimmable (one run) | trained alone | difference |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| x{r['multiplier']:g} | {'-'.join(map(str, r['widths']))} | {r['mflops']:.2f} | "
-              f"{100 * r['slimmable_acc']:.2f}% | {100 * r['alone_acc']:.2f}% | {r['diff_points']:+.2f} |")
-    unit = cost.unit
-    print(f"\n| export | target ({unit}) | widths | cost ({unit}) | test acc (greedy) |")
-    print("|---|---|---|---|---|")
-    for r in searched:
-        print(f"| {r['label']} | {r['target']:.3f} | {'-'.join(map(str, r['widths']))} | {r['cost']:.3f} | "
-              f"{100 * r['test_acc']:.2f}% |")
-    print(f"\nuniform widths (the same supernet, calibrated): " + ", ".join(
-        f"x{r['multiplier']:g} {r['cost']:.3f} {unit} {100 * r['slimmable_acc']:.2f}%" for r in rows))
+        searched.append({"label": label, "target": f["target"], "widths": space.widths(f["arch"]),
+                         "choices": dict(f["arch"].choices), "cost": f["cost"], "mflops": flops.predict(f["arch"]),
+                         "arch_split_acc": f["acc"], "test_acc": evaluate(module.calibrated_subnet(f["arch"]), test)})
+    return {"seed": seed, "slimmable_seconds": slim_seconds, "rows": rows, "searched": searched,
+            "evaluated": len(module.width_table())}
+
+
+def _run_seed_job(args) -> dict[str, Any]:
+    return run_seed(*args)
+
+
+def interpolate(x: float, xs: list[float], ys: list[float]) -> float | None:
+    """Linear interpolation of the curve (xs ascending) at x; None outside its range."""
+    pts = sorted(zip(xs, ys))
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None) -> dict[str, Any]:
+    """Means over seeds: the width table and the searched-vs-uniform table."""
+    widths = []
+    for i, r0 in enumerate(per_seed[0]["rows"]):
+        slim = [100 * s["rows"][i]["slimmable_acc"] for s in per_seed]
+        alone = [100 * s["rows"][i]["alone_acc"] for s in per_seed]
+        diff = [a - b for a, b in zip(slim, alone)]
+        key = tuple(sorted(r0["choices"].items()))
+        widths.append({"multiplier": r0["multiplier"], "widths": r0["widths"], "mflops": r0["mflops"],
+                       "cost": r0["cost"], "measured_ms": latency.get(key) if latency else None,
+                       "slimmable": _mean_std(slim), "alone": _mean_std(alone), "diff": _mean_std(diff),
+                       "diff_per_seed": diff})
+    x_of = (lambda w: w["measured_ms"]) if latency else (lambda w: w["cost"])
+    xs = [x_of(w) for w in widths]
+    searched = []
+    for s in per_seed:
+        for f in s["searched"]:
+            key = tuple(sorted(f["choices"].items()))
+            meas = latency.get(key) if latency else None
+            x = meas if latency else f["cost"]
+            base_slim = interpolate(x, xs, [w["slimmable"][0] for w in widths])
+            base_alone = interpolate(x, xs, [w["alone"][0] for w in widths])
+            searched.append({**{k: v for k, v in f.items() if k != "choices"}, "seed": s["seed"], "measured_ms": meas,
+                             "error_pct": None if meas is None else 100 * (meas - f["target"]) / f["target"],
+                             "test_acc": 100 * f["test_acc"], "uniform_slimmable_at_same": base_slim,
+                             "uniform_alone_at_same": base_alone})
+    return {"widths": widths, "searched": searched}
+
+
+def markdown(summary: dict[str, Any], unit: str, seeds: list[int], timed: bool) -> str:
+    n = len(seeds)
+    pm = (lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}") if n > 1 else (lambda ms: f"{ms[0]:.2f}")
+    lines = [f"Test accuracy (%), mean{' ± std' if n > 1 else ''} over seeds {seeds}:", "",
+             "| width | channels per stage | MFLOPs | " + ("measured ms | " if timed else f"cost ({unit}) | ")
+             + "slimmable (one run) | trained alone | difference (points) |", "|---|---|---|---|---|---|---|"]
+    for w in summary["widths"]:
+        c = f"{w['measured_ms']:.4f}" if timed else f"{w['cost']:.4g}"
+        lines.append(f"| x{w['multiplier']:g} | {'-'.join(map(str, w['widths']))} | {w['mflops']:.2f} | {c} | "
+                     f"{pm(w['slimmable'])} | {pm(w['alone'])} | {w['diff'][0]:+.2f} "
+                     f"(per seed {', '.join(f'{d:+.1f}' for d in w['diff_per_seed'])}) |")
+    lines += ["", "Width search (greedy, arch split) per target and seed; the uniform-width baseline is the "
+              "uniform curve interpolated at the same " + ("measured latency" if timed else "cost") + ":", "",
+              f"| target | seed | widths | predicted ({unit}) | " + ("measured (ms) | vs target | " if timed else "")
+              + "test acc | uniform (slimmable) at same | uniform (alone) at same |",
+              "|---|---|---|---|" + ("---|---|" if timed else "") + "---|---|---|"]
+    for f in summary["searched"]:
+        fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731  outside the uniform range
+        meas = f" {f['measured_ms']:.4f} | {f['error_pct']:+.1f}% |" if timed else ""
+        lines.append(f"| {f['label']} ({f['target']:.4g}) | {f['seed']} | {'-'.join(map(str, f['widths']))} | "
+                     f"{f['cost']:.4g} |{meas} {f['test_acc']:.2f} | {fmt(f['uniform_slimmable_at_same'])} | "
+                     f"{fmt(f['uniform_alone_at_same'])} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path, xlabel: str, timed: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "measured_ms" if timed else "cost"
+    ws = sorted(summary["widths"], key=lambda w: w[key])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [w[key] for w in ws]
+    for name, style in (("slimmable", "o-"), ("alone", "s--")):
+        ax.errorbar(x, [w[name][0] for w in ws], yerr=[w[name][1] for w in ws], fmt=style, capsize=3,
+                    label=f"uniform widths ({'one slimmable run' if name == 'slimmable' else 'each trained alone'})")
+    for w in ws:
+        ax.annotate(f"x{w['multiplier']:g}", (w[key], w["slimmable"][0]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=8)
+    pts = [(f[key], f["test_acc"]) for f in summary["searched"] if f[key] is not None]
+    if pts:
+        ax.scatter(*zip(*pts), marker="*", s=90, color="C3", zorder=3, label="width search (one per target and seed)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
+    extra = list(extra or [])
+    seeds = [int(s) for s in opts["seeds"].split(",") if s != ""]
+    jobs = max(1, min(int(opts["jobs"]), len(seeds)))
+    t0 = time.perf_counter()
+    # build (or load) the latency table once, before any training, on a quiet machine
+    _cfg, space, _dm, device, cost, _flops = _setup(opts, extra, seeds[0])
+    if jobs == 1:
+        per_seed = [run_seed(opts, extra, s) for s in seeds]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            per_seed = list(pool.map(_run_seed_job, [(opts, extra, s) for s in seeds]))
+    train_seconds = time.perf_counter() - t0
+    from .cost import AnalyticDevice, measure_archs
+
+    timed = not isinstance(device, AnalyticDevice)
+    latency = None
+    if timed:  # every distinct network, end to end, after training (a quiet machine)
+        keys = []
+        for s in per_seed:
+            for r in s["rows"] + s["searched"]:
+                key = tuple(sorted(r["choices"].items()))
+                if key not in keys:
+                    keys.append(key)
+        archs = [space.make_arch(dict(k), _dm.num_classes) for k in keys]
+        print(f"measuring {len(archs)} networks on {device.name} ...", flush=True)
+        ms = measure_archs(space, archs, device, reference_ms=cost.meta.get("reference_ms"), rel_ci=0.02,
+                           max_repeats=200, max_seconds=120)
+        latency = dict(zip(keys, ms))
+    summary = summarise(per_seed, latency)
+    unit = cost.unit or "units"
+    md = markdown(summary, unit, seeds, timed)
+    cmd = "python -m nas.bench_slimmable " + " ".join(f"{k}={v}" for k, v in opts.items() if v != OPTS[k] or k in
+                                                       ("data", "space", "epochs", "seeds")) + "".join(" " + e for e in extra)
+    header = (f"`{cmd}`: space {space.name}, data {opts['data']}, {opts['epochs']} epochs, bn {opts['bn']}, "
+              f"n_random {opts['n_random']}, distill {opts['distill']}, cost {cost.kind} ({unit}) on {device.name}; "
+              f"{(time.perf_counter() - t0) / 60:.1f} min")
+    print("\n" + header + "\n\n" + md, flush=True)
+    result = {"command": cmd, "space": space.name, "data": opts["data"], "opts": opts, "overrides": extra,
+              "cost_kind": cost.kind, "cost_unit": cost.unit, "device": device.name, "seeds": seeds,
+              "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0, "per_seed": per_seed,
+              "summary": summary}
     if opts["out"]:
-        Path(opts["out"]).write_text(json.dumps(result, indent=1))
+        out = Path(opts["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "slimmable_bench.json").write_text(json.dumps(result, indent=1))
+        (out / "slimmable_bench.md").write_text(header + "\n\n" + md + "\n")
+        plot(summary, out / "slimmable_bench.png",
+             f"measured latency on {device.name} (ms)" if timed else f"{cost.kind} ({unit})", timed)
+        print(f"wrote {out}/slimmable_bench.json, .md, .png", flush=True)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(_parse(sys.argv[1:] if argv is None else argv))
+    opts, extra = _parse(sys.argv[1:] if argv is None else argv)
+    run(opts, extra)
 
 
 if __name__ == "__main__":

@@ -151,27 +151,3 @@ class TexShapesDataModule(ImageDataModule):
         pool = TensorDataset((x_pool - mean) / std, y_pool)
         return Subset(pool, train_idx), Subset(pool, arch_idx), TensorDataset((x_test - mean) / std, y_test)
 
-
-def generate_gratings(n: int, *, size: int = 32, seed: int = 0, noise: float = 0.3, classes: int = 10,
-                      jitter: float = 4.0, distractors: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orientation classes: a windowed colour grating whose orientation lies in one of ``classes`` bins
-    over 180 deg (bin centre +- ``jitter`` deg), over low-contrast distractor gratings and noise."""
-    g = torch.Generator().manual_seed(int(seed))
-    labels = (torch.arange(n) % classes)[torch.randperm(n, generator=g)]
-    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    theta = ((labels.float() + 0.5) * 180.0 / classes + (2 * torch.rand(n, generator=g) - 1) * jitter) * math.pi / 180
-    img = 0.5 + 0.0 * torch.zeros(n, 3, size, size)
-    for _ in range(distractors):
-        o = math.pi * torch.rand(n, generator=g)
-        img = img + 0.35 * (_gratings(n, size, g, o, yy, xx) - 0.5)
-    target = _gratings(n, size, g, theta, yy, xx) - 0.5
-    cx = (torch.rand(n, generator=g) - 0.5) * size * 0.4
-    cy = (torch.rand(n, generator=g) - 0.5) * size * 0.4
-    sigma = size * (0.15 + 0.1 * torch.rand(n, generator=g))
-    win = torch.exp(-((xx[None] - cx[:, None, None]) ** 2 + (yy[None] - cy[:, None, None]) ** 2)
-                    / (2 * sigma[:, None, None] ** 2))
-    amp = 0.5 + 0.5 * torch.rand(n, generator=g)
-    img = img + amp[:, None, None, None] * win[:, None] * target
-    img = img + noise * torch.randn(img.shape, generator=g)
-    return img.float(), labels.long()

@@ -168,3 +168,32 @@ def test_uniform_baseline_is_the_priciest_uniform_net_within_budget(space):
     assert desc == "k5_e3" and set(arch.choices.values()) == {"k5_e3"}
     arch, desc = uniform_arch(space, table, 1.0 + 2.0 * n - 0.5, 5)
     assert table.predict(arch) <= 1.0 + 2.0 * n - 0.5
+
+
+# ---------------------------------------------------------------------- slimmable bench (issue 4)
+def test_slimmable_bench_smoke(tmp_path):
+    """One epoch, two seeds: the width table (slimmable vs alone, averaged over the seeds), the width
+    search beside the uniform curve at the same cost, and the files; then the interpolation itself."""
+    from nas.bench_slimmable import interpolate, run
+
+    opts = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "1", "seeds": "0,1",
+            "jobs": "1", "bn": "switchable", "n_random": "1", "distill": "true", "out": str(tmp_path),
+            "threads": "1", "targets": "0.5,0.8"}
+    res = run(opts, ["export.calib_batches=2"])
+    widths = res["summary"]["widths"]
+    assert [w["multiplier"] for w in widths] == [0.25, 0.5, 0.75, 1.0]
+    for i, w in enumerate(widths):
+        slim = [100 * s["rows"][i]["slimmable_acc"] for s in res["per_seed"]]
+        alone = [100 * s["rows"][i]["alone_acc"] for s in res["per_seed"]]
+        assert w["slimmable"][0] == pytest.approx(sum(slim) / 2) and w["alone"][0] == pytest.approx(sum(alone) / 2)
+        assert w["diff"][0] == pytest.approx(w["slimmable"][0] - w["alone"][0])
+    searched = res["summary"]["searched"]
+    assert sorted((f["seed"], f["label"]) for f in searched) == [(0, "t0.50"), (0, "t0.80"), (1, "t0.50"), (1, "t0.80")]
+    for f in searched:
+        assert f["cost"] <= f["target"] + 1e-9 and f["measured_ms"] is None  # flops: nothing to time
+        assert f["uniform_slimmable_at_same"] is not None  # inside the uniform range
+    assert {"slimmable_bench.json", "slimmable_bench.md", "slimmable_bench.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert "| x0.25 |" in (tmp_path / "slimmable_bench.md").read_text()
+    assert interpolate(1.5, [1.0, 2.0], [10.0, 20.0]) == pytest.approx(15.0)
+    assert interpolate(2.0, [2.0, 1.0], [20.0, 10.0]) == pytest.approx(20.0)
+    assert interpolate(3.0, [1.0, 2.0], [10.0, 20.0]) is None
