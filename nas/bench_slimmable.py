@@ -229,34 +229,6 @@ def markdown(summary: dict[str, Any], unit: str, seeds: list[int], timed: bool) 
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], path: Path, xlabel: str, timed: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = "measured_ms" if timed else "cost"
-    ws = sorted(summary["widths"], key=lambda w: w[key])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = [w[key] for w in ws]
-    for name, style in (("slimmable", "o-"), ("alone", "s--")):
-        ax.errorbar(x, [w[name][0] for w in ws], yerr=[w[name][1] for w in ws], fmt=style, capsize=3,
-                    label=f"uniform widths ({'one slimmable run' if name == 'slimmable' else 'each trained alone'})")
-    for w in ws:
-        ax.annotate(f"x{w['multiplier']:g}", (w[key], w["slimmable"][0]), textcoords="offset points", xytext=(4, -10),
-                    fontsize=8)
-    pts = [(f[key], f["test_acc"]) for f in summary["searched"] if f[key] is not None]
-    if pts:
-        ax.scatter(*zip(*pts), marker="*", s=90, color="C3", zorder=3, label="width search (one per target and seed)")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
     extra = list(extra or [])
     seeds = [int(s) for s in opts["seeds"].split(",") if s != ""]
@@ -307,8 +279,10 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "slimmable_bench.json").write_text(json.dumps(result, indent=1))
         (out / "slimmable_bench.md").write_text(header + "\n\n" + md + "\n")
-        plot(summary, out / "slimmable_bench.png",
-             f"measured latency on {device.name} (ms)" if timed else f"{cost.kind} ({unit})", timed)
+        from .plots_slimmable import plot_width_bench
+
+        plot_width_bench(summary, out / "slimmable_bench.png",
+                         f"measured latency on {device.name} (ms)" if timed else f"{cost.kind} ({unit})", timed)
         print(f"wrote {out}/slimmable_bench.json, .md, .png", flush=True)
     return result
 

@@ -50,10 +50,15 @@ def plot_cost_curve(history: Sequence[Mapping[str, Any]], path: Path, target: fl
     ax.plot(ep, [r["derived_cost"] for r in rows], label="derived (argmax)", marker="o", ms=3)
     if target is not None:
         ax.axhline(target, color="k", ls="--", lw=1, label="target")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(unit)
+    save_axes(fig, ax, path, "epoch", unit)
+
+
+def save_axes(fig, ax, path: Path, xlabel: str, ylabel: str, dpi: int = 110) -> None:
+    """Label, grid and legend one-axes figure ``fig``, save it as PNG and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .plots import save_axes
+
 
 def plot_width_search(rows: Sequence[Mapping[str, Any]], found: Mapping[str, Mapping[str, Any]], path: Path,
                       unit: str) -> None:
@@ -21,10 +23,23 @@ def plot_width_search(rows: Sequence[Mapping[str, Any]], found: Mapping[str, Map
     for label, f in found.items():
         ax.axvline(f["target"], color="k", ls="--", lw=0.8)
         ax.annotate(label, (f["cost"], 100 * f["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(f"predicted cost ({unit})")
-    ax.set_ylabel("arch-split accuracy (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_axes(fig, ax, path, f"predicted cost ({unit})", "arch-split accuracy (%)")
+
+
+def plot_width_bench(summary: Mapping[str, Any], path: Path, xlabel: str, timed: bool) -> None:
+    """``python -m nas.bench_slimmable``: test accuracy against cost (or measured latency) of the uniform
+    widths (one slimmable run and each trained alone, mean +- std over seeds) and of the width search."""
+    key = "measured_ms" if timed else "cost"
+    ws = sorted(summary["widths"], key=lambda w: w[key])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [w[key] for w in ws]
+    for name, style in (("slimmable", "o-"), ("alone", "s--")):
+        ax.errorbar(x, [w[name][0] for w in ws], yerr=[w[name][1] for w in ws], fmt=style, capsize=3,
+                    label=f"uniform widths ({'one slimmable run' if name == 'slimmable' else 'each trained alone'})")
+    for w in ws:
+        ax.annotate(f"x{w['multiplier']:g}", (w[key], w["slimmable"][0]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=8)
+    pts = [(f[key], f["test_acc"]) for f in summary["searched"] if f[key] is not None]
+    if pts:
+        ax.scatter(*zip(*pts), marker="*", s=90, color="C3", zorder=3, label="width search (one per target and seed)")
+    save_axes(fig, ax, path, xlabel, "test accuracy (%)", dpi=120)
