@@ -21,6 +21,9 @@ device, and each searched net is compared with the uniform-width curve at its me
 (linear interpolation between the two uniform widths around it): the *uniform-width baseline at the
 same latency*. Seeds run ``jobs`` at a time in separate processes (one torch thread each).
 
+``alone=<earlier slimmable_bench.json>`` reuses that run's trained-alone accuracies (same data, space,
+epochs, overrides and seeds) instead of training the baselines again.
+
 Arguments are ``key=value``; ``data``, ``space``, ``hardware`` and any dotted key (``data.n_train=...``,
 ``hardware.threads=1``, ``lut.path=...``) are Hydra overrides of ``nas-search``'s config. Prints
 markdown tables, and with ``out=<dir>`` writes ``slimmable_bench.json``, ``slimmable_bench.md`` and
@@ -36,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 OPTS = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "10", "seeds": "0",
-        "jobs": "1", "bn": "switchable", "n_random": "2", "distill": "true", "out": "", "threads": "1",
-        "targets": "0.4,0.6,0.8"}
+        "jobs": "1", "bn": "switchable", "n_random": "2", "random_widths": "stage", "distill": "true", "out": "",
+        "threads": "1", "targets": "0.4,0.6,0.8", "alone": "train"}
 
 
 def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -79,16 +82,6 @@ def _setup(opts: dict[str, str], extra: list[str], seed: int, log=print):
     return cfg, space, dm, device, cost, build_flops_model(space, dm.num_classes)
 
 
-def uniform_widths(space) -> dict[float, list[int]]:
-    """Channels per stage of every uniform width multiplier of ``space`` (``{0.25: [8, 8, 8, 16], ...}``)."""
-    from supernets.space import make_divisible
-
-    mults = sorted(float(m) for m in space.spec_dict.get("widths") or [1.0])
-    divisor = int(space.spec_dict.get("width_divisor", 8))
-    bases = [max(ws) / max(mults) for ws in space.stage_widths]
-    return {m: [make_divisible(b * m, divisor) for b in bases] for m in mults}
-
-
 def train_alone(net, datamodule, epochs: int, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 4e-5,
                 grad_clip: float = 5.0) -> float:
     """Train ``net`` alone with the slimmable strategy's optimizer settings; returns wall seconds."""
@@ -127,6 +120,7 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
     targets = [t if t.endswith(("ms", "MFLOPs")) else float(t) for t in opts["targets"].split(",") if t]
     pl.seed_everything(seed, verbose=False)
     module = SlimmableSearch(Supernet(space, nc), cost, targets=targets, bn=opts["bn"], n_random=int(opts["n_random"]),
+                             random_widths=opts["random_widths"],
                              distill=opts["distill"].lower() in ("1", "true", "yes"),
                              calib_batches=int(cfg.export.calib_batches))
     trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -135,14 +129,18 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
     trainer.fit(module, train_dataloaders=module.train_loaders(dm))
     slim_seconds = time.perf_counter() - t0
     test = list(dm.test_dataloader())
+    earlier = _earlier_alone(opts, extra, seed) if opts["alone"] != "train" else {}
     rows = []
-    for m, widths in uniform_widths(space).items():
+    for m, widths in space.uniform_widths().items():
         arch = module.arch_for(widths)
         slim_acc = evaluate(module.calibrated_subnet(arch), test)
-        pl.seed_everything(seed, verbose=False)
-        alone = space_timm_net(space, arch, nc)
-        secs = train_alone(alone, dm, epochs)
-        alone_acc = evaluate(alone, test)
+        if earlier:
+            alone_acc, secs = earlier[tuple(widths)]
+        else:
+            pl.seed_everything(seed, verbose=False)
+            alone = space_timm_net(space, arch, nc)
+            secs = train_alone(alone, dm, epochs)
+            alone_acc = evaluate(alone, test)
         rows.append({"multiplier": m, "widths": widths, "choices": dict(arch.choices), "mflops": flops.predict(arch),
                      "cost": cost.predict(arch), "slimmable_acc": slim_acc, "alone_acc": alone_acc,
                      "alone_seconds": secs})
@@ -156,6 +154,24 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
                          "arch_split_acc": f["acc"], "test_acc": evaluate(module.calibrated_subnet(f["arch"]), test)})
     return {"seed": seed, "slimmable_seconds": slim_seconds, "rows": rows, "searched": searched,
             "evaluated": len(module.width_table())}
+
+
+def _earlier_alone(opts: dict[str, str], extra: list[str], seed: int) -> dict[tuple, tuple[float, float]]:
+    """``alone=<slimmable_bench.json>``: the trained-alone accuracies of an earlier run with the same
+    data, space, epochs, overrides and seed (they do not depend on the slimmable options), so that
+    slimmable settings can be compared without training the baselines again."""
+    path = Path(opts["alone"])
+    if not path.is_file():
+        raise SystemExit(f"alone={path}: not a file; give alone=train or an earlier run's slimmable_bench.json")
+    old = json.loads(path.read_text())
+    same = ("data", "space", "epochs")
+    if any(old["opts"][k] != opts[k] for k in same) or old["overrides"] != extra:
+        raise SystemExit(f"alone={path} was run with other settings ({', '.join(f'{k}={old['opts'][k]}' for k in same)}, "
+                         f"overrides {old['overrides']}); its baselines do not apply")
+    for s in old["per_seed"]:
+        if s["seed"] == seed:
+            return {tuple(r["widths"]): (r["alone_acc"], r["alone_seconds"]) for r in s["rows"]}
+    raise SystemExit(f"alone={path} has no seed {seed} (it has {[s['seed'] for s in old['per_seed']]})")
 
 
 def _run_seed_job(args) -> dict[str, Any]:

@@ -264,6 +264,21 @@ class SearchSpace:
     def width_decisions(self) -> list[str]:
         return [width_decision(si) for si in range(1, len(self.stage_widths) + 1)]
 
+    def uniform_widths(self) -> dict[float, list[int]]:
+        """Channels per stage of every uniform width multiplier: ``{0.25: [8, 8, 8, 16], ...}`` from the
+        space's ``widths`` multipliers; for stages with their own width lists, multiplier ``i / (n - 1)``
+        takes the same rank in every stage (``{1.0: widest}`` without widths)."""
+        if not self.stage_widths:
+            return {1.0: self.widths(None)}
+        mults = self.spec_dict.get("widths")
+        if mults is not None and not any("widths" in st for st in self.spec_dict.get("stages", [])):
+            divisor = int(self.spec_dict.get("width_divisor", 8))
+            bases = [int(st["channels"]) for st in self.spec_dict["stages"]]
+            return {float(m): [make_divisible(b * float(m), divisor) for b in bases] for m in sorted(mults)}
+        n = max(len(ws) for ws in self.stage_widths)
+        rank = lambda ws, i: ws[int(i * (len(ws) - 1) / max(1, n - 1) + 0.5)]  # noqa: E731  (half up)
+        return {(i / (n - 1) if n > 1 else 1.0): [rank(ws, i) for ws in self.stage_widths] for i in range(n)}
+
     def widths(self, arch: Arch) -> list[int]:
         """Output channels of every stage (1..N) in ``arch`` (the stage's channels without widths)."""
         if not self.stage_widths:

@@ -258,6 +258,42 @@ def test_sandwich_trains_widest_narrowest_and_n_random_each_step():
     assert {"loss_widest", "loss_narrowest", "loss_random"} <= set(module.history[-1])
 
 
+def test_uniform_widths_one_multiplier_for_every_stage():
+    space = slim_space()
+    assert space.uniform_widths() == {0.25: [8, 8, 8, 16], 0.5: [8, 16, 16, 32], 0.75: [16, 24, 24, 48],
+                                      1.0: [16, 24, 32, 64]}
+    import yaml
+
+    d = yaml.safe_load(SLIM.read_text())
+    d.pop("widths")
+    for st, ws in zip(d["stages"], ([8, 16], [16, 24], [16, 24, 32], [32, 48, 64])):
+        st["widths"] = ws
+    own = SearchSpace.from_dict(d)  # stages' own width lists: the same rank in every stage
+    assert own.uniform_widths() == {0.0: [8, 16, 16, 32], 0.5: [16, 24, 24, 48], 1.0: [16, 24, 32, 64]}
+    assert SearchSpace.from_yaml(TINY).uniform_widths() == {1.0: [16, 24, 32, 64]}
+
+
+@pytest.mark.parametrize("kind", ["stage", "uniform", "mixed"])
+def test_random_widths_per_stage_uniform_or_mixed(kind):
+    """``random_widths``: the sandwich's random nets are per-stage random (non-uniform nets, for the
+    greedy search), one random multiplier for every stage (each uniform width trained as such), or both."""
+    module = _strategy(random_widths=kind, targets=[0.8])
+    torch.manual_seed(0)
+    drawn = {tuple(module.sample_widths()) for _ in range(200)}
+    uniform = {tuple(w) for w in module.supernet.space.uniform_widths().values()}
+    assert all(w in ws for c in drawn for w, ws in zip(c, module.supernet.space.stage_widths))
+    if kind == "uniform":
+        assert drawn == uniform
+    else:
+        assert len(drawn - uniform) > 10  # non-uniform nets
+    if kind == "mixed":
+        assert uniform <= drawn
+    from nas.errors import UserError
+
+    with pytest.raises(UserError, match="random_widths='layer' is unknown; choose one of: stage, uniform, mixed"):
+        _strategy(random_widths="layer")
+
+
 def test_inplace_distillation_is_on_by_default_and_uses_the_detached_widest(monkeypatch):
     import yaml
 

@@ -41,6 +41,7 @@ from .base import SearchStrategy
 
 OPS_MODES = ("largest", "smallest", "search")
 REORDER = ("l1", "bn")
+RANDOM_WIDTHS = ("stage", "uniform", "mixed")
 
 
 def target_label(target: float | str) -> str:
@@ -161,7 +162,7 @@ class SlimmableSearch(SearchStrategy):
                  reorder: str | None = None, ops: str = "largest", warmup_epochs: int = 0,
                  weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0,
-                 calib_batches: int = 20, eval_batches: int | None = None):
+                 calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "stage"):
         space: SearchSpace = supernet.space
         if not space.has_widths:
             raise UserError(f"strategy slimmable searches widths, and space {space.name!r} has none; use "
@@ -171,6 +172,9 @@ class SlimmableSearch(SearchStrategy):
             raise UserError(f"strategy.module.bn={bn!r} is unknown; choose one of: {', '.join(BN_MODES)}")
         if ops not in OPS_MODES:
             raise UserError(f"strategy.module.ops={ops!r} is unknown; choose one of: {', '.join(OPS_MODES)}")
+        if random_widths not in RANDOM_WIDTHS:
+            raise UserError(f"strategy.module.random_widths={random_widths!r} is unknown; choose one of: "
+                            f"{', '.join(RANDOM_WIDTHS)}")
         if reorder not in (None, *REORDER):
             raise UserError(f"strategy.module.reorder={reorder!r} is unknown; choose null or one of: "
                             f"{', '.join(REORDER)}")
@@ -188,6 +192,7 @@ class SlimmableSearch(SearchStrategy):
         self.automatic_optimization = False
         self.bn = bn
         self.n_random = int(n_random)
+        self.random_widths = random_widths
         self.distill = bool(distill)
         self.temperature = float(distill_temperature)
         self.reorder = reorder
@@ -258,7 +263,16 @@ class SlimmableSearch(SearchStrategy):
 
     # ------------------------------------------------------------------ training
     def sample_widths(self) -> list[int]:
-        """A random width per stage (uniform over the stage's widths; torch's RNG, saved in checkpoints)."""
+        """The widths of one random network of the sandwich (torch's RNG, saved in checkpoints):
+        ``random_widths=stage`` a random width per stage (uniform over the stage's widths), ``uniform``
+        one random multiplier for every stage (:meth:`SearchSpace.uniform_widths`), ``mixed`` either,
+        with probability 1/2."""
+        kind = self.random_widths
+        if kind == "mixed":
+            kind = "uniform" if float(torch.rand(())) < 0.5 else "stage"
+        if kind == "uniform":
+            configs = list(self.supernet.space.uniform_widths().values())
+            return list(configs[int(torch.randint(len(configs), (1,)))])
         return [ws[int(torch.randint(len(ws), (1,)))] for ws in self.supernet.space.stage_widths]
 
     def sample_ops(self) -> dict[str, str]:
