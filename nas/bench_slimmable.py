@@ -166,8 +166,9 @@ def _earlier_alone(opts: dict[str, str], extra: list[str], seed: int) -> dict[tu
     old = json.loads(path.read_text())
     same = ("data", "space", "epochs")
     if any(old["opts"][k] != opts[k] for k in same) or old["overrides"] != extra:
-        raise SystemExit(f"alone={path} was run with other settings ({', '.join(f'{k}={old['opts'][k]}' for k in same)}, "
-                         f"overrides {old['overrides']}); its baselines do not apply")
+        theirs = ", ".join(f"{k}={old['opts'][k]}" for k in same)
+        raise SystemExit(f"alone={path} was run with other settings ({theirs}, overrides {old['overrides']}); "
+                         f"its baselines do not apply")
     for s in old["per_seed"]:
         if s["seed"] == seed:
             return {tuple(r["widths"]): (r["alone_acc"], r["alone_seconds"]) for r in s["rows"]}
