@@ -21,7 +21,8 @@ device, and each searched net is compared with the uniform-width curve at its me
 (linear interpolation between the two uniform widths around it): the *uniform-width baseline at the
 same latency*. Seeds run ``jobs`` at a time in separate processes (one torch thread each).
 
-``alone=<earlier slimmable_bench.json>`` reuses that run's trained-alone accuracies (same data, space,
+``alone=skip`` trains no baselines (the uniform widths of the slimmable run remain the baseline of the
+width search); ``alone=<earlier slimmable_bench.json>`` reuses that run's trained-alone accuracies (same data, space,
 epochs, overrides and seeds) instead of training the baselines again.
 
 Arguments are ``key=value``; ``data``, ``space``, ``hardware`` and any dotted key (``data.n_train=...``,
@@ -129,12 +130,14 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
     trainer.fit(module, train_dataloaders=module.train_loaders(dm))
     slim_seconds = time.perf_counter() - t0
     test = list(dm.test_dataloader())
-    earlier = _earlier_alone(opts, extra, seed) if opts["alone"] != "train" else {}
+    earlier = _earlier_alone(opts, extra, seed) if opts["alone"] not in ("train", "skip") else {}
     rows = []
     for m, widths in space.uniform_widths().items():
         arch = module.arch_for(widths)
         slim_acc = evaluate(module.calibrated_subnet(arch), test)
-        if earlier:
+        if opts["alone"] == "skip":
+            alone_acc, secs = None, None
+        elif earlier:
             alone_acc, secs = earlier[tuple(widths)]
         else:
             pl.seed_everything(seed, verbose=False)
@@ -144,8 +147,8 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
         rows.append({"multiplier": m, "widths": widths, "choices": dict(arch.choices), "mflops": flops.predict(arch),
                      "cost": cost.predict(arch), "slimmable_acc": slim_acc, "alone_acc": alone_acc,
                      "alone_seconds": secs})
-        print(f"seed {seed} x{m:<5} widths {widths}: slimmable {100 * slim_acc:.2f}%  alone {100 * alone_acc:.2f}%",
-              flush=True)
+        alone_txt = "" if alone_acc is None else f"  alone {100 * alone_acc:.2f}%"
+        print(f"seed {seed} x{m:<5} widths {widths}: slimmable {100 * slim_acc:.2f}%{alone_txt}", flush=True)
     found = module.width_search(log=None)["found"]
     searched = []
     for label, f in found.items():
@@ -197,12 +200,13 @@ def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None
     widths = []
     for i, r0 in enumerate(per_seed[0]["rows"]):
         slim = [100 * s["rows"][i]["slimmable_acc"] for s in per_seed]
-        alone = [100 * s["rows"][i]["alone_acc"] for s in per_seed]
-        diff = [a - b for a, b in zip(slim, alone)]
+        alone = [100 * s["rows"][i]["alone_acc"] for s in per_seed if s["rows"][i]["alone_acc"] is not None]
+        diff = [a - b for a, b in zip(slim, alone)] if alone else []
         key = tuple(sorted(r0["choices"].items()))
         widths.append({"multiplier": r0["multiplier"], "widths": r0["widths"], "mflops": r0["mflops"],
                        "cost": r0["cost"], "measured_ms": latency.get(key) if latency else None,
-                       "slimmable": _mean_std(slim), "alone": _mean_std(alone), "diff": _mean_std(diff),
+                       "slimmable": _mean_std(slim), "alone": _mean_std(alone) if alone else None,
+                       "diff": _mean_std(diff) if diff else None,
                        "diff_per_seed": diff})
     x_of = (lambda w: w["measured_ms"]) if latency else (lambda w: w["cost"])
     xs = [x_of(w) for w in widths]
@@ -213,7 +217,7 @@ def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None
             meas = latency.get(key) if latency else None
             x = meas if latency else f["cost"]
             base_slim = interpolate(x, xs, [w["slimmable"][0] for w in widths])
-            base_alone = interpolate(x, xs, [w["alone"][0] for w in widths])
+            base_alone = interpolate(x, xs, [w["alone"][0] for w in widths]) if widths[0]["alone"] else None
             searched.append({**{k: v for k, v in f.items() if k != "choices"}, "seed": s["seed"], "measured_ms": meas,
                              "error_pct": None if meas is None else 100 * (meas - f["target"]) / f["target"],
                              "test_acc": 100 * f["test_acc"], "uniform_slimmable_at_same": base_slim,
@@ -224,14 +228,18 @@ def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None
 def markdown(summary: dict[str, Any], unit: str, seeds: list[int], timed: bool) -> str:
     n = len(seeds)
     pm = (lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}") if n > 1 else (lambda ms: f"{ms[0]:.2f}")
+
+    def diff_txt(w):
+        if not w["diff"]:
+            return "— (alone=skip)"
+        return f"{w['diff'][0]:+.2f} (per seed {', '.join(f'{d:+.1f}' for d in w['diff_per_seed'])})"
     lines = [f"Test accuracy (%), mean{' ± std' if n > 1 else ''} over seeds {seeds}:", "",
              "| width | channels per stage | MFLOPs | " + ("measured ms | " if timed else f"cost ({unit}) | ")
              + "slimmable (one run) | trained alone | difference (points) |", "|---|---|---|---|---|---|---|"]
     for w in summary["widths"]:
         c = f"{w['measured_ms']:.4f}" if timed else f"{w['cost']:.4g}"
         lines.append(f"| x{w['multiplier']:g} | {'-'.join(map(str, w['widths']))} | {w['mflops']:.2f} | {c} | "
-                     f"{pm(w['slimmable'])} | {pm(w['alone'])} | {w['diff'][0]:+.2f} "
-                     f"(per seed {', '.join(f'{d:+.1f}' for d in w['diff_per_seed'])}) |")
+                     f"{pm(w['slimmable'])} | {pm(w['alone']) if w['alone'] else '—'} | {diff_txt(w)} |")
     lines += ["", "Width search (greedy, arch split) per target and seed; the uniform-width baseline is the "
               "uniform curve interpolated at the same " + ("measured latency" if timed else "cost") + ":", "",
               f"| target | seed | widths | predicted ({unit}) | " + ("measured (ms) | vs target | " if timed else "")
@@ -247,7 +255,7 @@ def markdown(summary: dict[str, Any], unit: str, seeds: list[int], timed: bool) 
 
 
 def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
-    extra = list(extra or [])
+    opts, extra = {**OPTS, **opts}, list(extra or [])
     seeds = [int(s) for s in opts["seeds"].split(",") if s != ""]
     jobs = max(1, min(int(opts["jobs"]), len(seeds)))
     t0 = time.perf_counter()

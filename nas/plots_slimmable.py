@@ -34,6 +34,8 @@ def plot_width_bench(summary: Mapping[str, Any], path: Path, xlabel: str, timed:
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [w[key] for w in ws]
     for name, style in (("slimmable", "o-"), ("alone", "s--")):
+        if ws[0][name] is None:  # alone=skip
+            continue
         ax.errorbar(x, [w[name][0] for w in ws], yerr=[w[name][1] for w in ws], fmt=style, capsize=3,
                     label=f"uniform widths ({'one slimmable run' if name == 'slimmable' else 'each trained alone'})")
     for w in ws:

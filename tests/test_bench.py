@@ -194,6 +194,16 @@ def test_slimmable_bench_smoke(tmp_path):
         assert f["uniform_slimmable_at_same"] is not None  # inside the uniform range
     assert {"slimmable_bench.json", "slimmable_bench.md", "slimmable_bench.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "| x0.25 |" in (tmp_path / "slimmable_bench.md").read_text()
+    # alone=<that json>: the baselines are reused, not retrained (other slimmable options, one seed)
+    again = run({**opts, "seeds": "1", "n_random": "0", "alone": str(tmp_path / "slimmable_bench.json"),
+                 "out": str(tmp_path / "again")}, ["export.calib_batches=2"])
+    assert [r["alone_acc"] for r in again["per_seed"][0]["rows"]] == [r["alone_acc"] for r in res["per_seed"][1]["rows"]]
+    with pytest.raises(SystemExit, match="other settings"):
+        run({**opts, "epochs": "2", "alone": str(tmp_path / "slimmable_bench.json")}, ["export.calib_batches=2"])
+    skip = run({**opts, "seeds": "0", "n_random": "0", "alone": "skip", "out": str(tmp_path / "skip")},
+               ["export.calib_batches=2"])
+    assert all(w["alone"] is None and w["diff"] is None for w in skip["summary"]["widths"])
+    assert "— (alone=skip)" in (tmp_path / "skip" / "slimmable_bench.md").read_text()
     assert interpolate(1.5, [1.0, 2.0], [10.0, 20.0]) == pytest.approx(15.0)
     assert interpolate(2.0, [2.0, 1.0], [20.0, 10.0]) == pytest.approx(20.0)
     assert interpolate(3.0, [1.0, 2.0], [10.0, 20.0]) is None
