@@ -40,8 +40,12 @@ from pathlib import Path
 from typing import Any
 
 OPTS = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "10", "seeds": "0",
-        "jobs": "1", "bn": "switchable", "n_random": "2", "random_widths": "stage", "distill": "true", "out": "",
+        "jobs": "1", "bn": "", "n_random": "", "random_widths": "", "distill": "", "distill_weight": "", "out": "",
         "threads": "1", "targets": "0.4,0.6,0.8", "alone": "train"}
+
+
+#: options of the slimmable strategy itself; left empty they take conf/strategy/slimmable.yaml's values
+STRATEGY_KEYS = ("bn", "n_random", "random_widths", "distill", "distill_weight")
 
 
 def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -121,7 +125,7 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
     targets = [t if t.endswith(("ms", "MFLOPs")) else float(t) for t in opts["targets"].split(",") if t]
     pl.seed_everything(seed, verbose=False)
     module = SlimmableSearch(Supernet(space, nc), cost, targets=targets, bn=opts["bn"], n_random=int(opts["n_random"]),
-                             random_widths=opts["random_widths"],
+                             random_widths=opts["random_widths"], distill_weight=float(opts["distill_weight"]),
                              distill=opts["distill"].lower() in ("1", "true", "yes"),
                              calib_batches=int(cfg.export.calib_batches))
     trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -256,6 +260,10 @@ def markdown(summary: dict[str, Any], unit: str, seeds: list[int], timed: bool) 
 
 def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
     opts, extra = {**OPTS, **opts}, list(extra or [])
+    module_conf = _compose(opts, ["strategy=slimmable"], 0).strategy.module
+    for key in STRATEGY_KEYS:  # unset: the slimmable strategy's own defaults (conf/strategy/slimmable.yaml)
+        if opts[key] == "":
+            opts[key] = str(module_conf[key]).lower()
     seeds = [int(s) for s in opts["seeds"].split(",") if s != ""]
     jobs = max(1, min(int(opts["jobs"]), len(seeds)))
     t0 = time.perf_counter()

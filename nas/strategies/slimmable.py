@@ -1,10 +1,15 @@
 """Slimmable networks (Yu et al.) and AutoSlim: train every width at once, then slim greedily to targets.
 
 Training (sandwich rule, one optimizer step per batch): every batch runs the widest network, the
-narrowest and ``n_random`` random width choices (a random width per stage, so non-uniform nets are
-trained too). Gradients of all of them accumulate; then one SGD step. In-place distillation (on by
-default): the widest learns from the labels, every other width from the widest's *detached* soft
-predictions (``distill=false``: labels for all). ``warmup_epochs`` train the widest only; optional
+narrowest and ``n_random`` random width choices (``random_widths``: ``stage``, a random width per
+stage, non-uniform nets; ``uniform``, one random multiplier for every stage; ``mixed``, either).
+Gradients of all of them accumulate; then one SGD step. In-place distillation (on by default): the
+widest learns from the labels, every other width from the widest's *detached* soft predictions,
+mixed with the labels by ``distill_weight`` (``w * KD + (1 - w) * CE``; 1: the teacher only, as in
+US-Nets; ``distill=false``: labels for all). A short schedule is why the default mixes: on
+texshapes_width in 10 epochs, the teacher alone (w = 1) left every width below the same width
+trained alone, because the widest is a poor teacher for most of the run (see docs/widths.md for
+the measurements). ``warmup_epochs`` train the widest only; optional
 channel reordering (``reorder: l1``) sorts every stage's channels by importance where the warm-up
 ends (before any training when there is none), so that narrow slices keep the important channels.
 
@@ -158,11 +163,11 @@ class SlimmableSearch(SearchStrategy):
 
     def __init__(self, supernet, cost_model, target: float | None = None, *,
                  targets: Sequence[float | str] | float | str | None = (0.4, 0.6, 0.8), bn: str = "switchable",
-                 n_random: int = 2, distill: bool = True, distill_temperature: float = 1.0,
+                 n_random: int = 2, distill: bool = True, distill_temperature: float = 1.0, distill_weight: float = 0.5,
                  reorder: str | None = None, ops: str = "largest", warmup_epochs: int = 0,
                  weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0,
-                 calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "stage"):
+                 calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "mixed"):
         space: SearchSpace = supernet.space
         if not space.has_widths:
             raise UserError(f"strategy slimmable searches widths, and space {space.name!r} has none; use "
@@ -195,6 +200,10 @@ class SlimmableSearch(SearchStrategy):
         self.random_widths = random_widths
         self.distill = bool(distill)
         self.temperature = float(distill_temperature)
+        if not 0.0 < float(distill_weight) <= 1.0:
+            raise UserError(f"strategy.module.distill_weight={distill_weight} must be in (0, 1] (the share of the "
+                            f"distillation loss in a non-widest net's loss; the rest is the label loss)")
+        self.distill_weight = float(distill_weight)
         self.reorder = reorder
         self.warmup_epochs = int(warmup_epochs)
         self.weight_opt_args = dict(lr=weight_lr, momentum=weight_momentum, weight_decay=weight_decay,
@@ -265,13 +274,15 @@ class SlimmableSearch(SearchStrategy):
     def sample_widths(self) -> list[int]:
         """The widths of one random network of the sandwich (torch's RNG, saved in checkpoints):
         ``random_widths=stage`` a random width per stage (uniform over the stage's widths), ``uniform``
-        one random multiplier for every stage (:meth:`SearchSpace.uniform_widths`), ``mixed`` either,
-        with probability 1/2."""
+        one random multiplier for every stage (:meth:`SearchSpace.uniform_widths`; one strictly between
+        the narrowest and the widest where there is one, since those run every step anyway), ``mixed``
+        either, with probability 1/2."""
         kind = self.random_widths
         if kind == "mixed":
             kind = "uniform" if float(torch.rand(())) < 0.5 else "stage"
-        if kind == "uniform":
+        if kind == "uniform":  # the sandwich's ends already run every step: draw among the widths between them
             configs = list(self.supernet.space.uniform_widths().values())
+            configs = configs[1:-1] or configs
             return list(configs[int(torch.randint(len(configs), (1,)))])
         return [ws[int(torch.randint(len(ws), (1,)))] for ws in self.supernet.space.stage_widths]
 
@@ -328,6 +339,9 @@ class SlimmableSearch(SearchStrategy):
                 loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
             else:
                 loss = soft_cross_entropy(logits, teacher, self.temperature)
+                if self.distill_weight < 1.0:
+                    w = self.distill_weight
+                    loss = w * loss + (1 - w) * F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
             if k == 0:
                 teacher = F.softmax(logits.detach() / self.temperature, dim=1)
             self.manual_backward(loss)
