@@ -17,8 +17,13 @@ def plot_width_search(rows: Sequence[Mapping[str, Any]], found: Mapping[str, Map
     if not rows:
         raise ValueError("no width-search rows to plot")
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.scatter([r["cost"] for r in rows], [100 * r["acc"] for r in rows], s=10, c="0.6", label="evaluated")
-    path_rows = [r for r in rows if r["chosen"]]
+    greedy = [r for r in rows if r.get("kind", "greedy") == "greedy"]
+    uniform = [r for r in rows if r.get("kind") == "uniform"]
+    ax.scatter([r["cost"] for r in greedy], [100 * r["acc"] for r in greedy], s=10, c="0.6", label="evaluated")
+    if uniform:
+        ax.plot([r["cost"] for r in uniform], [100 * r["acc"] for r in uniform], "s:", ms=4, c="C2",
+                label="uniform widths")
+    path_rows = [r for r in greedy if r["chosen"]]
     ax.plot([r["cost"] for r in path_rows], [100 * r["acc"] for r in path_rows], "-o", ms=3, label="greedy path")
     for label, f in found.items():
         ax.axvline(f["target"], color="k", ls="--", lw=0.8)

@@ -444,7 +444,39 @@ def test_greedy_search_one_arch_per_target_under_target_and_monotone():
     # the first steps narrow stage 4 (free in accuracy) until it is at its narrowest
     assert [r["stage"] for r in chosen[1:4]] == [4, 4, 4]
     assert len(calls) == len({tuple(space.widths(a)) for a in calls})  # each network evaluated once
-    assert len(rows) == 1 + sum(1 for r in rows if r["step"] > 0)
+    assert len(rows) == 1 + sum(1 for r in rows if r["step"] > 0) and all(r["kind"] == "greedy" for r in rows)
+
+
+def test_width_search_never_returns_less_than_a_uniform_width_within_the_target():
+    """uniform=...: after the greedy pass every uniform width is evaluated; a target whose greedy net
+    scored lower than a uniform width within the target takes the uniform one (the greedy pick is
+    kept beside it), and a target whose greedy net is better keeps it."""
+    from nas.cost import build_flops_model
+    from nas.strategies.slimmable import greedy_slim
+
+    space = SearchSpace.from_yaml(SLIM)
+    flops = build_flops_model(space, 10)
+    base = {l.name: "k3_e6" for l in space.layers}
+    uniform = list(space.uniform_widths().values())
+
+    def acc(arch):  # uniform nets score high, everything else by width
+        w = space.widths(arch)
+        return 0.9 + sum(w) / 10000 if w in uniform else 0.5 + sum(w) / 1000
+
+    hi = flops.predict(space.largest(10))
+    targets = {"t0.80": 0.8 * hi, "t0.40": 0.4 * hi}
+    greedy_only, _ = greedy_slim(space, base, 10, flops.predict, acc, targets)
+    found, rows = greedy_slim(space, base, 10, flops.predict, acc, targets, uniform=uniform)
+    for label, t in targets.items():
+        best_uniform = max((u for u in uniform if flops.predict(space.make_arch(
+            {**base, **{f"s{i + 1}.width": f"c{c}" for i, c in enumerate(u)}}, 10)) <= t), key=sum)
+        assert found[label]["source"] == "uniform" and space.widths(found[label]["arch"]) == best_uniform
+        assert found[label]["cost"] <= t and found[label]["greedy"]["arch"] == greedy_only[label]["arch"]
+    assert [r["widths"] for r in rows if r["kind"] == "uniform"] == uniform
+    # where the greedy net is better, it stays
+    found2, _ = greedy_slim(space, base, 10, flops.predict, lambda a: 0.99 if space.widths(a) not in uniform else 0.1,
+                            targets, uniform=uniform)
+    assert all(f["source"] == "greedy" and "greedy" not in f for f in found2.values())
 
 
 def test_unreachable_target_and_spaces_without_widths_are_user_errors():

@@ -71,6 +71,7 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
                 evaluate: Callable[[Arch], float], targets: Mapping[str, float],
                 log: Callable[[str], Any] | None = None,
                 op_cost: Callable[[Any, str, int, int], float] | None = None,
+                uniform: Sequence[Sequence[int]] = (),
                 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """AutoSlim's greedy slimming over the stage widths of ``space``, starting from the widest with
     the ops of ``base_choices``.
@@ -78,10 +79,16 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
     With ``op_cost(layer, op, in_chs, out_chs)`` the ops are searched too: besides narrowing a stage,
     a step may replace one layer's op by its next cheaper op at the current widths.
 
-    Returns ``(found, rows)``: ``found[label]`` = ``{"arch", "cost", "acc", "step", "target"}`` for every
-    target (the first network on the path whose predicted cost is <= the target), and one row per
-    network evaluated (``step``, ``stage`` narrowed or ``layer`` changed, ``widths``, ``ops``, ``cost``,
-    ``acc``, ``drop_per_cost``, ``chosen``). ``evaluate`` is called once per distinct network.
+    ``uniform``: widths (one list per uniform multiplier) evaluated after the greedy pass; a target
+    whose greedy network scored lower than a uniform one within the target takes the uniform one (the
+    search never returns a network that loses to a plain width multiplier on the same split).
+
+    Returns ``(found, rows)``: ``found[label]`` = ``{"arch", "cost", "acc", "step", "target", "source"}``
+    for every target (the first network on the greedy path whose predicted cost is <= the target, or
+    the better uniform one, ``source`` ``greedy`` / ``uniform``; a replaced greedy pick stays under
+    ``"greedy"``), and one row per network evaluated (``kind`` ``greedy`` / ``uniform``, ``step``,
+    ``stage`` narrowed or ``layer`` changed, ``widths``, ``ops``, ``cost``, ``acc``, ``drop_per_cost``,
+    ``chosen``). ``evaluate`` is called once per distinct network.
     """
     sw = space.stage_widths
     cache: dict[Arch, float] = {}
@@ -95,9 +102,10 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
             cache[arch] = float(evaluate(arch))
         return cache[arch]
 
-    def row(step, move, idx, ops, cost, acc, score, chosen):
-        r = {"step": step, "stage": move if isinstance(move, int) else None, "widths": [sw[s][i] for s, i in enumerate(idx)],
-             "cost": cost, "acc": acc, "drop_per_cost": score, "chosen": chosen}
+    def row(step, move, idx, ops, cost, acc, score, chosen, kind="greedy"):
+        r = {"kind": kind, "step": step, "stage": move if isinstance(move, int) else None,
+             "widths": [sw[s][i] for s, i in enumerate(idx)], "cost": cost, "acc": acc, "drop_per_cost": score,
+             "chosen": chosen}
         if op_cost is not None:
             r["layer"] = move if isinstance(move, str) else None
             r["ops"] = [ops[layer.name] for layer in space.layers]
@@ -126,7 +134,8 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
     def record(step: int) -> None:
         for label, t in targets.items():
             if label not in found and cur_cost <= t:
-                found[label] = {"arch": cur, "cost": cur_cost, "acc": cur_acc, "step": step, "target": t}
+                found[label] = {"arch": cur, "cost": cur_cost, "acc": cur_acc, "step": step, "target": t,
+                                "source": "greedy"}
 
     record(0)
     step = 0
@@ -155,6 +164,24 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
             log(f"width search step {step}: {what}; widths {best[6]['widths']}, cost {cur_cost:.4g}, "
                 f"acc {100 * cur_acc:.2f}%")
         record(step)
+    base_ops = {layer.name: base_choices[layer.name] for layer in space.layers}
+    for widths in uniform:
+        idx = tuple(sw[s].index(int(w)) for s, w in enumerate(widths))
+        arch = arch_of(idx, base_ops)
+        cost, acc = float(predict(arch)), acc_of(arch)
+        rows.append(row(None, None, idx, base_ops, cost, acc, None, False, kind="uniform"))
+        for label, t in targets.items():
+            f = found.get(label)
+            if cost <= t and (f is None or acc > f["acc"]):
+                greedy = (f.get("greedy") if f["source"] == "uniform" else f) if f else None
+                found[label] = {"arch": arch, "cost": cost, "acc": acc, "step": None, "target": t, "source": "uniform"}
+                if greedy is not None:
+                    found[label]["greedy"] = {k: greedy[k] for k in ("arch", "cost", "acc", "step")}
+    if log:
+        for label, f in found.items():
+            if f["source"] == "uniform":
+                log(f"width search {label}: a uniform width within the target scored higher than the greedy net "
+                    f"({100 * f['acc']:.2f}% vs {100 * f['greedy']['acc']:.2f}%); exporting the uniform one")
     return found, rows
 
 
@@ -167,7 +194,8 @@ class SlimmableSearch(SearchStrategy):
                  reorder: str | None = None, ops: str = "largest", warmup_epochs: int = 0,
                  weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0,
-                 calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "mixed"):
+                 calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "mixed",
+                 uniform_check: bool = True):
         space: SearchSpace = supernet.space
         if not space.has_widths:
             raise UserError(f"strategy slimmable searches widths, and space {space.name!r} has none; use "
@@ -198,6 +226,7 @@ class SlimmableSearch(SearchStrategy):
         self.bn = bn
         self.n_random = int(n_random)
         self.random_widths = random_widths
+        self.uniform_check = bool(uniform_check)
         self.distill = bool(distill)
         self.temperature = float(distill_temperature)
         if not 0.0 < float(distill_weight) <= 1.0:
@@ -422,7 +451,8 @@ class SlimmableSearch(SearchStrategy):
 
         found, rows = greedy_slim(self.supernet.space, self.base_choices, self.supernet.num_classes,
                                   self.cost_model.predict, eval_arch, self.targets, log=log,
-                                  op_cost=self.cost_model.layer_cost if self.search_ops else None)
+                                  op_cost=self.cost_model.layer_cost if self.search_ops else None,
+                                  uniform=list(self.supernet.space.uniform_widths().values()) if self.uniform_check else ())
         self.supernet.set_active(self.arch_for(self.widest))
         self._derived = {"found": found, "rows": rows}
         return self._derived
@@ -450,18 +480,23 @@ class SlimmableSearch(SearchStrategy):
         if self._derived is None:
             return {}
         rows = self.width_table()
-        found = {k: {kk: (dict(vv.choices) if isinstance(vv, Arch) else vv) for kk, vv in v.items()}
-                 for k, v in self._derived["found"].items()}
+        def plain(v):
+            if isinstance(v, Arch):
+                return dict(v.choices)
+            return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+        found = plain(self._derived["found"])
         unit = self.cost_model.unit
 
         def write_csv(path):
             buf = io.StringIO()
             w = csv.writer(buf)
             ops = self.search_ops
-            w.writerow(["step", "stage", "widths"] + (["layer", "ops"] if ops else [])
+            w.writerow(["kind", "step", "stage", "widths"] + (["layer", "ops"] if ops else [])
                        + [f"cost_{unit or 'units'}", "acc", "drop_per_cost", "chosen"])
             for r in rows:
-                w.writerow([r["step"], r["stage"] or "", "-".join(map(str, r["widths"]))]
+                w.writerow([r["kind"], "" if r["step"] is None else r["step"], r["stage"] or "",
+                            "-".join(map(str, r["widths"]))]
                            + ([r["layer"] or "", " ".join(r["ops"])] if ops else [])
                            + [f"{r['cost']:.6g}", f"{r['acc']:.6f}",
                               "" if r["drop_per_cost"] is None else f"{r['drop_per_cost']:.6g}", int(r["chosen"])])
