@@ -23,7 +23,8 @@ same latency*. Seeds run ``jobs`` at a time in separate processes (one torch thr
 
 ``alone=skip`` trains no baselines (the uniform widths of the slimmable run remain the baseline of the
 width search); ``alone=<earlier slimmable_bench.json>`` reuses that run's trained-alone accuracies (same data, space,
-epochs, overrides and seeds) instead of training the baselines again.
+epochs and overrides) for the seeds it has, instead of training the baselines again; other seeds
+train theirs.
 
 Arguments are ``key=value``; ``data``, ``space``, ``hardware`` and any dotted key (``data.n_train=...``,
 ``hardware.threads=1``, ``lut.path=...``) are Hydra overrides of ``nas-search``'s config. Prints
@@ -182,9 +183,10 @@ def _earlier_alone(opts: dict[str, str], extra: list[str], seed: int) -> dict[tu
         raise SystemExit(f"alone={path} was run with other settings ({theirs}, overrides {old['overrides']}); "
                          f"its baselines do not apply")
     for s in old["per_seed"]:
-        if s["seed"] == seed:
+        if s["seed"] == seed and all(r["alone_acc"] is not None for r in s["rows"]):
             return {tuple(r["widths"]): (r["alone_acc"], r["alone_seconds"]) for r in s["rows"]}
-    raise SystemExit(f"alone={path} has no seed {seed} (it has {[s['seed'] for s in old['per_seed']]})")
+    print(f"alone={path} has no baselines for seed {seed}: training them", flush=True)
+    return {}
 
 
 def _run_seed_job(args) -> dict[str, Any]:

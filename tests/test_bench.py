@@ -195,9 +195,10 @@ def test_slimmable_bench_smoke(tmp_path):
     assert {"slimmable_bench.json", "slimmable_bench.md", "slimmable_bench.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "| x0.25 |" in (tmp_path / "slimmable_bench.md").read_text()
     # alone=<that json>: the baselines are reused, not retrained (other slimmable options, one seed)
-    again = run({**opts, "seeds": "1", "n_random": "0", "alone": str(tmp_path / "slimmable_bench.json"),
+    again = run({**opts, "seeds": "1,2", "n_random": "0", "alone": str(tmp_path / "slimmable_bench.json"),
                  "out": str(tmp_path / "again")}, ["export.calib_batches=2"])
     assert [r["alone_acc"] for r in again["per_seed"][0]["rows"]] == [r["alone_acc"] for r in res["per_seed"][1]["rows"]]
+    assert all(r["alone_acc"] is not None for r in again["per_seed"][1]["rows"])  # seed 2 was not there: trained
     with pytest.raises(SystemExit, match="other settings"):
         run({**opts, "epochs": "2", "alone": str(tmp_path / "slimmable_bench.json")}, ["export.calib_batches=2"])
     skip = run({**opts, "seeds": "0", "n_random": "0", "alone": "skip", "out": str(tmp_path / "skip")},
