@@ -479,6 +479,39 @@ def test_width_search_never_returns_less_than_a_uniform_width_within_the_target(
     assert all(f["source"] == "greedy" and "greedy" not in f for f in found2.values())
 
 
+def test_width_search_fills_the_budget_where_accuracy_holds():
+    """After the uniform check each target's net widens one stage at a time within the target while the
+    score does not drop: where the score grows with width, no single widening of the result fits."""
+    from nas.cost import build_flops_model
+    from nas.strategies.slimmable import greedy_slim
+
+    space = SearchSpace.from_yaml(SLIM)
+    flops = build_flops_model(space, 10)
+    base = {l.name: "k3_e6" for l in space.layers}
+
+    def arch(widths):
+        return space.make_arch({**base, **{f"s{i + 1}.width": f"c{c}" for i, c in enumerate(widths)}}, 10)
+
+    hi = flops.predict(space.largest(10))
+    targets = {"t0.60": 0.6 * hi, "t0.45": 0.45 * hi}
+
+    def score(a):  # stages 1-3 at 8 channels are best; otherwise wider is better
+        w = space.widths(a)
+        return sum(w) / 1000 + 1.0 * (w[:3] == [8, 8, 8])
+
+    found, rows = greedy_slim(space, base, 10, flops.predict, score, targets, uniform=[[8, 8, 8, 16]], fill=True)
+    # t0.60: the uniform net won the check, then stage 4 widened 16 -> 32 -> 48 -> 64 within the target
+    assert found["t0.60"]["source"] == "uniform" and found["t0.60"]["filled"] == 3
+    assert [r["widths"] for r in rows if r["kind"] == "fill" and r["chosen"]][:3] == [[8, 8, 8, 32], [8, 8, 8, 48],
+                                                                                    [8, 8, 8, 64]]
+    for label, t in targets.items():
+        w = space.widths(found[label]["arch"])
+        assert found[label]["cost"] <= t and w[:3] == [8, 8, 8] and w[3] > 16
+        if w[3] != 64:  # stage 4 widened as far as the target allows (widening stages 1-3 loses the score)
+            wider = w[:3] + [space.stage_widths[3][space.stage_widths[3].index(w[3]) + 1]]
+            assert flops.predict(arch(wider)) > t  # the budget is used up
+
+
 def test_unreachable_target_and_spaces_without_widths_are_user_errors():
     from nas.cost import build_flops_model
     from nas.errors import UserError

@@ -71,7 +71,7 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
                 evaluate: Callable[[Arch], float], targets: Mapping[str, float],
                 log: Callable[[str], Any] | None = None,
                 op_cost: Callable[[Any, str, int, int], float] | None = None,
-                uniform: Sequence[Sequence[int]] = (),
+                uniform: Sequence[Sequence[int]] = (), fill: bool = False,
                 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """AutoSlim's greedy slimming over the stage widths of ``space``, starting from the widest with
     the ops of ``base_choices``.
@@ -81,7 +81,10 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
 
     ``uniform``: widths (one list per uniform multiplier) evaluated after the greedy pass; a target
     whose greedy network scored lower than a uniform one within the target takes the uniform one (the
-    search never returns a network that loses to a plain width multiplier on the same split).
+    search never returns a network that loses to a plain width multiplier on the same split). ``fill``:
+    then the budget is filled: each target's network widens one stage by one step at a time, the best-scoring
+    widening that stays within the target, as long as the score does not drop (``filled`` counts the
+    steps; rows of kind ``fill``).
 
     Returns ``(found, rows)``: ``found[label]`` = ``{"arch", "cost", "acc", "step", "target", "source"}``
     for every target (the first network on the greedy path whose predicted cost is <= the target, or
@@ -177,6 +180,32 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
                 found[label] = {"arch": arch, "cost": cost, "acc": acc, "step": None, "target": t, "source": "uniform"}
                 if greedy is not None:
                     found[label]["greedy"] = {k: greedy[k] for k in ("arch", "cost", "acc", "step")}
+    if fill:  # fill the budget: widen one stage at a time, within the target, while arch-split accuracy holds
+        for label, t in targets.items():
+            f = found.get(label)
+            if f is None:
+                continue
+            idx = tuple(sw[s].index(w) for s, w in enumerate(space.widths(f["arch"])))
+            ops = {layer.name: f["arch"].choices[layer.name] for layer in space.layers}
+            cur, cur_acc, cur_cost, steps = f["arch"], f["acc"], f["cost"], 0
+            while True:
+                cands = []
+                for s in range(len(sw)):
+                    if idx[s] + 1 < len(sw[s]):
+                        nidx = tuple(i + 1 if k == s else i for k, i in enumerate(idx))
+                        arch = arch_of(nidx, ops)
+                        cost = float(predict(arch))
+                        if cost <= t:
+                            acc = acc_of(arch)
+                            rows.append(row(None, s + 1, nidx, ops, cost, acc, None, False, kind="fill"))
+                            cands.append((acc, -cost, nidx, arch, cost, rows[-1]))
+                if not cands or max(cands, key=lambda c: c[:2])[0] < cur_acc:
+                    break
+                acc, _, idx, cur, cur_cost, r = max(cands, key=lambda c: c[:2])
+                r["chosen"] = True
+                cur_acc, steps = acc, steps + 1
+            if steps:
+                found[label] = {**f, "arch": cur, "cost": cur_cost, "acc": cur_acc, "filled": steps}
     if log:
         for label, f in found.items():
             if f["source"] == "uniform":
@@ -452,7 +481,8 @@ class SlimmableSearch(SearchStrategy):
         found, rows = greedy_slim(self.supernet.space, self.base_choices, self.supernet.num_classes,
                                   self.cost_model.predict, eval_arch, self.targets, log=log,
                                   op_cost=self.cost_model.layer_cost if self.search_ops else None,
-                                  uniform=list(self.supernet.space.uniform_widths().values()) if self.uniform_check else ())
+                                  uniform=list(self.supernet.space.uniform_widths().values()) if self.uniform_check else (),
+                                  fill=self.uniform_check)
         self.supernet.set_active(self.arch_for(self.widest))
         self._derived = {"found": found, "rows": rows}
         return self._derived
