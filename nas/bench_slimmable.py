@@ -189,6 +189,11 @@ def _earlier_alone(opts: dict[str, str], extra: list[str], seed: int) -> dict[tu
     return {}
 
 
+def arch_key(choices: dict[str, str]) -> tuple:
+    """A hashable key of an architecture's choices (the latency of each distinct net is measured once)."""
+    return tuple(sorted(choices.items()))
+
+
 def _run_seed_job(args) -> dict[str, Any]:
     return run_seed(*args)
 
@@ -213,7 +218,7 @@ def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None
         slim = [100 * s["rows"][i]["slimmable_acc"] for s in per_seed]
         alone = [100 * s["rows"][i]["alone_acc"] for s in per_seed if s["rows"][i]["alone_acc"] is not None]
         diff = [a - b for a, b in zip(slim, alone)] if alone else []
-        key = tuple(sorted(r0["choices"].items()))
+        key = arch_key(r0["choices"])
         widths.append({"multiplier": r0["multiplier"], "widths": r0["widths"], "mflops": r0["mflops"],
                        "cost": r0["cost"], "measured_ms": latency.get(key) if latency else None,
                        "slimmable": _mean_std(slim), "alone": _mean_std(alone) if alone else None,
@@ -226,7 +231,7 @@ def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None
         slim_ys = [100 * r["slimmable_acc"] for r in s["rows"]]
         alone_ys = [100 * r["alone_acc"] for r in s["rows"]] if s["rows"][0]["alone_acc"] is not None else None
         for f in s["searched"]:
-            key = tuple(sorted(f["choices"].items()))
+            key = arch_key(f["choices"])
             meas = latency.get(key) if latency else None
             x = meas if latency else f["cost"]
             base_slim = interpolate(x, xs, slim_ys)
@@ -332,7 +337,7 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
         keys = []
         for s in per_seed:
             for r in s["rows"] + s["searched"]:
-                key = tuple(sorted(r["choices"].items()))
+                key = arch_key(r["choices"])
                 if key not in keys:
                     keys.append(key)
         archs = [space.make_arch(dict(k), _dm.num_classes) for k in keys]
