@@ -48,6 +48,16 @@ def test_width_logits_are_arch_parameters_and_in_probs(space):
     assert len(plain.width_alpha) == 0 and not any("width_alpha" in k for k in plain.state_dict())
 
 
+def test_ddp_leaves_every_architecture_parameter_to_the_strategy(space):
+    """DDP must not bucket the width logits either (they are reduced by the strategy itself): with them in
+    DDP's buckets, a two-rank search failed in its first weight step."""
+    module = ProxylessSearch(Supernet(space, 4), build_flops_model(space, 4), None)
+    named = dict(module.named_parameters())
+    ignored = set(module._ddp_params_and_buffers_to_ignore)
+    assert {n for n, p in named.items() if any(p is a for a in module.supernet.arch_parameters())} == ignored
+    assert any("width_alpha" in n for n in ignored) and any(n.endswith(".alpha") for n in ignored)
+
+
 def test_expected_cost_over_widths_is_the_exact_expectation(space):
     """E[cost] under independent choice probabilities, value and gradient, against the sum over every
     architecture of the space of p(arch) * cost(arch) (computed in float64 from the same softmaxes)."""

@@ -102,6 +102,12 @@ def test_sigterm_then_same_command_resumes_and_ends_with_the_same_arch(tmp_path,
 DDP_RUNS = {
     "proxyless": ("strategy.epochs=3",),
     "ddpnas": ("strategy=ddpnas", "strategy.epochs=6", "strategy.module.warmup_epochs=1", "strategy.module.steps=1"),
+    # widths in ProxylessNAS: the width logits learn by REINFORCE with a baseline every rank must share
+    "proxyless_widths": ("strategy.epochs=3", "+space.widths=[0.5,1.0]"),
+    # slimmable: the sandwich's random widths are rank 0's on every rank; the width search runs on each
+    # (on FLOPs: the tiny search's timing options are not keys of hardware=flops, so they are dropped)
+    "slimmable": ("strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops", "strategy.epochs=2",
+                  "strategy.targets=[0.5,0.8]", "strategy.module.eval_batches=2"),
 }
 
 
@@ -117,17 +123,24 @@ def test_ddp_on_two_cpu_processes_ranks_agree(tmp_path, smoke_search, shared_cac
     from .conftest import TINY_SEARCH, run_app
 
     run_dir = tmp_path / "ddp"
-    run = run_app("nas.search", *TINY_SEARCH, "trainer=ddp", "trainer.devices=2", *DDP_RUNS[strategy],
+    base = [a for a in TINY_SEARCH if "hardware=flops" not in DDP_RUNS[strategy] or not a.startswith("hardware.")]
+    run = run_app("nas.search", *base, "trainer=ddp", "trainer.devices=2", *DDP_RUNS[strategy],
                   "export.onnx=false", f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
     reports = [json.loads(p.read_text()) for p in run_dir.rglob("report.json")]
     assert reports
     for report in reports:
         assert report["distributed"] == {"world_size": 2, "ranks_agree": True, "max_alpha_diff": 0.0}
-    if strategy == "proxyless":
+    if strategy.startswith("proxyless"):
         assert len(reports) == 1  # only rank 0 exported
         state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert any(v.abs().sum() > 0 for k, v in state["state_dict"].items() if k.endswith(".alpha"))
+    if strategy == "proxyless_widths":  # the width logits moved, and the baseline (compared across ranks) ran
+        widths = [v for k, v in state["state_dict"].items() if "width_alpha" in k]
+        assert widths and any(v.abs().sum() > 0 for v in widths)
+        assert torch.isfinite(state["state_dict"]["width_baseline"])
+    if strategy == "slimmable":  # one export per target, all from rank 0
+        assert sorted(p.parent.name for p in run_dir.rglob("report.json")) == ["t0.50", "t0.80"]
 
 
 @pytest.mark.slow

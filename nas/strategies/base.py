@@ -31,8 +31,10 @@ class SearchStrategy(pl.LightningModule):
         self.cost_model = cost_model
         self.target = target
         # architecture parameters stay out of DDP's gradient buckets: strategies reduce them themselves
-        self._ddp_params_and_buffers_to_ignore = [f"supernet.{n}" for n, _ in supernet.named_parameters()
-                                                  if n.endswith(".alpha")]
+        # (op logits ``*.alpha`` and width logits ``width_alpha.*``: every parameter arch_parameters() returns)
+        arch = {id(a) for a in supernet.arch_parameters()}
+        self._ddp_params_and_buffers_to_ignore = [f"supernet.{n}" for n, p in supernet.named_parameters()
+                                                  if id(p) in arch]
         self.history: list[dict[str, Any]] = []  # one row per epoch: probabilities, derived arch, costs
         self.search_cost = {"seconds": 0.0, "epochs": 0, "images": 0}
         self.dist_check: dict[str, Any] = {"world_size": 1}

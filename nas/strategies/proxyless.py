@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,13 @@ class ProxylessSearch(SearchStrategy):
         d = self.width_baseline_decay
         self.width_baseline.copy_(reward if torch.isnan(b) else d * b + (1 - d) * reward)
         return advantage.to(reward.device) * self.supernet.width_log_prob()
+
+    def search_state(self) -> Any:
+        """The width REINFORCE baseline (None before its first step): every DDP rank must hold the same."""
+        if not self.search_widths:
+            return None
+        b = float(self.width_baseline)
+        return {"width_baseline": None if math.isnan(b) else b}
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
