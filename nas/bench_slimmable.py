@@ -21,6 +21,13 @@ device, and each searched net is compared with the uniform-width curve at its me
 (linear interpolation between the two uniform widths around it): the *uniform-width baseline at the
 same latency*. Seeds run ``jobs`` at a time in separate processes (one torch thread each).
 
+``retrain=true`` (AutoSlim's protocol) also trains every export from scratch, like the uniform widths
+trained alone (same epochs, optimizer and seed), and compares it with that curve at the same cost
+or measured latency; an export that is a uniform width reuses its own baseline. ``uniform_check``
+(and the other strategy options: ``bn``, ``n_random``, ``random_widths``, ``distill``,
+``distill_weight``) default to conf/strategy/slimmable.yaml; ``uniform_check=false`` exports the
+greedy nets.
+
 ``alone=skip`` trains no baselines (the uniform widths of the slimmable run remain the baseline of the
 width search); ``alone=<earlier slimmable_bench.json>`` reuses that run's trained-alone accuracies (same data, space,
 epochs and overrides) for the seeds it has, instead of training the baselines again; other seeds
@@ -42,11 +49,11 @@ from typing import Any
 
 OPTS = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "10", "seeds": "0",
         "jobs": "1", "bn": "", "n_random": "", "random_widths": "", "distill": "", "distill_weight": "", "out": "",
-        "threads": "1", "targets": "0.4,0.6,0.8", "alone": "train"}
+        "uniform_check": "", "threads": "1", "targets": "0.4,0.6,0.8", "alone": "train", "retrain": "false"}
 
 
 #: options of the slimmable strategy itself; left empty they take conf/strategy/slimmable.yaml's values
-STRATEGY_KEYS = ("bn", "n_random", "random_widths", "distill", "distill_weight")
+STRATEGY_KEYS = ("bn", "n_random", "random_widths", "distill", "distill_weight", "uniform_check")
 
 
 def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -127,7 +134,7 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
     pl.seed_everything(seed, verbose=False)
     module = SlimmableSearch(Supernet(space, nc), cost, targets=targets, bn=opts["bn"], n_random=int(opts["n_random"]),
                              random_widths=opts["random_widths"], distill_weight=float(opts["distill_weight"]),
-                             distill=opts["distill"].lower() in ("1", "true", "yes"),
+                             distill=_flag(opts["distill"]), uniform_check=_flag(opts["uniform_check"]),
                              calib_batches=int(cfg.export.calib_batches))
     trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
@@ -165,8 +172,24 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
                          "greedy_widths": space.widths(g["arch"]) if g else space.widths(f["arch"]),
                          "greedy_cost": g["cost"] if g else f["cost"],
                          "greedy_test_acc": evaluate(module.calibrated_subnet(g["arch"]), test) if g else acc})
+    if _flag(opts["retrain"]):  # AutoSlim's protocol: each export trained from scratch like the uniform baselines
+        alone_of = {tuple(r["widths"]): r["alone_acc"] for r in rows if r["alone_acc"] is not None}
+        for f in searched:
+            if tuple(f["widths"]) in alone_of:  # a uniform width: its baseline is this very training (same seed)
+                f["retrained_acc"] = alone_of[tuple(f["widths"])]
+                continue
+            pl.seed_everything(seed, verbose=False)
+            net = space_timm_net(space, space.make_arch(f["choices"], nc), nc)
+            train_alone(net, dm, epochs)
+            f["retrained_acc"] = evaluate(net, test)
+            print(f"seed {seed} {f['label']} widths {f['widths']}: retrained alone {100 * f['retrained_acc']:.2f}%",
+                  flush=True)
     return {"seed": seed, "slimmable_seconds": slim_seconds, "rows": rows, "searched": searched,
             "evaluated": len(module.width_table())}
+
+
+def _flag(v: str) -> bool:
+    return str(v).lower() in ("1", "true", "yes")
 
 
 def _earlier_alone(opts: dict[str, str], extra: list[str], seed: int) -> dict[tuple, tuple[float, float]]:
@@ -237,12 +260,16 @@ def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None
             base_slim = interpolate(x, xs, slim_ys)
             base_alone = interpolate(x, xs, alone_ys) if alone_ys else None
             acc = 100 * f["test_acc"]
+            retrained = f.get("retrained_acc")
+            retrained = None if retrained is None else 100 * retrained
             feasible = [y for x0, y in zip(xs, slim_ys) if x0 is not None and x0 <= f["target"]]
             g_base = interpolate(f["greedy_cost"], [w["cost"] for w in widths], slim_ys)
             searched.append({**{k: v for k, v in f.items() if k != "choices"}, "seed": s["seed"], "measured_ms": meas,
                              "error_pct": None if meas is None else 100 * (meas - f["target"]) / f["target"],
                              "test_acc": acc, "uniform_slimmable_at_same": base_slim,
-                             "uniform_alone_at_same": base_alone,
+                             "uniform_alone_at_same": base_alone, "retrained_acc": retrained,
+                             "retrained_vs_alone": (None if retrained is None or base_alone is None
+                                                    else retrained - base_alone),
                              "vs_uniform": None if base_slim is None else acc - base_slim,
                              "vs_best_uniform_within": acc - max(feasible) if feasible else None,
                              "greedy_vs_uniform": None if g_base is None else 100 * f["greedy_test_acc"] - g_base})
@@ -252,7 +279,7 @@ def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None
     targets = [{"label": label, "target": fs[0]["target"], "n": len(fs),
                 "test_acc": _mean_std([f["test_acc"] for f in fs]),
                 **{k: (_mean_std([f[k] for f in fs if f[k] is not None]) if any(f[k] is not None for f in fs) else None)
-                   for k in ("vs_uniform", "vs_best_uniform_within", "greedy_vs_uniform")},
+                   for k in ("vs_uniform", "vs_best_uniform_within", "greedy_vs_uniform", "retrained_vs_alone")},
                 "uniform_picked": sum(f["source"] == "uniform" for f in fs),
                 "max_abs_error_pct": max((abs(f["error_pct"]) for f in fs if f["error_pct"] is not None), default=None)}
                for label, fs in per_target.items()]
@@ -261,6 +288,7 @@ def summarise(per_seed: list[dict[str, Any]], latency: dict[tuple, float] | None
 
 def markdown(summary: dict[str, Any], unit: str, seeds: list[int], timed: bool) -> str:
     n = len(seeds)
+    retrained = any(f["retrained_acc"] is not None for f in summary["searched"])
     pm = (lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}") if n > 1 else (lambda ms: f"{ms[0]:.2f}")
 
     def diff_txt(w):
@@ -280,32 +308,40 @@ def markdown(summary: dict[str, Any], unit: str, seeds: list[int], timed: bool) 
               "within the target; the greedy pick alone (before the uniform check) against the curve at its own "
               "predicted cost:", "",
               f"| target | export test acc | vs uniform curve at the same {same} | vs best uniform within the target "
-              "| exports that are uniform | greedy pick vs uniform curve |" + (" worst measured vs target |" if timed else ""),
-              "|---|---|---|---|---|---|" + ("---|" if timed else "")]
+              "| exports that are uniform | greedy pick vs uniform curve |" + (" worst measured vs target |" if timed else "")
+              + (" retrained alone vs uniform widths trained alone |" if retrained else ""),
+              "|---|---|---|---|---|---|" + ("---|" if timed else "") + ("---|" if retrained else "")]
 
     def ms(v):
         return "— (outside the uniform range)" if v is None else f"{v[0]:+.2f} ± {v[1]:.2f}"
 
     for t in summary["targets"]:
         err = "" if not timed else " — |" if t["max_abs_error_pct"] is None else f" {t['max_abs_error_pct']:.1f}% |"
+        if retrained:
+            err += f" {ms(t['retrained_vs_alone'])} |"
         lines.append(f"| {t['label']} ({t['target']:.4g}) | {pm(t['test_acc'])} | {ms(t['vs_uniform'])} | "
                      f"{ms(t['vs_best_uniform_within'])} | {t['uniform_picked']}/{t['n']} | "
                      f"{ms(t['greedy_vs_uniform'])} |{err}")
     lines += ["", "Each searched net (greedy, arch split) against its seed's uniform curves at the same "
-              + ("measured latency" if timed else "cost") + ":", ""] + _searched_rows(summary, unit, timed)
+              + ("measured latency" if timed else "cost") + ":", ""] + _searched_rows(summary, unit, timed, retrained)
+    if retrained:
+        lines += ["", "Retrained: each export trained from scratch for the same epochs with the same optimizer as the "
+                  "uniform widths trained alone (AutoSlim's protocol), against that curve at the same "
+                  + ("measured latency" if timed else "cost") + "."]
     return "\n".join(lines)
 
 
-def _searched_rows(summary: dict[str, Any], unit: str, timed: bool) -> list[str]:
+def _searched_rows(summary: dict[str, Any], unit: str, timed: bool, retrained: bool = False) -> list[str]:
     table = [f"| target | seed | widths | predicted ({unit}) | " + ("measured (ms) | vs target | " if timed else "")
-             + "test acc | uniform (slimmable) at same | uniform (alone) at same |",
-             "|---|---|---|---|" + ("---|---|" if timed else "") + "---|---|---|"]
+             + "test acc | uniform (slimmable) at same | uniform (alone) at same |" + (" retrained alone |" if retrained
+                                                                                     else ""),
+             "|---|---|---|---|" + ("---|---|" if timed else "") + "---|---|---|" + ("---|" if retrained else "")]
     for f in summary["searched"]:
         fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731  outside the uniform range
         meas = f" {f['measured_ms']:.4f} | {f['error_pct']:+.1f}% |" if timed else ""
         table.append(f"| {f['label']} ({f['target']:.4g}) | {f['seed']} | {'-'.join(map(str, f['widths']))} | "
                      f"{f['cost']:.4g} |{meas} {f['test_acc']:.2f} | {fmt(f['uniform_slimmable_at_same'])} | "
-                     f"{fmt(f['uniform_alone_at_same'])} |")
+                     f"{fmt(f['uniform_alone_at_same'])} |" + (f" {fmt(f['retrained_acc'])} |" if retrained else ""))
     return table
 
 
@@ -316,6 +352,9 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
         if opts[key] == "":
             opts[key] = str(module_conf[key]).lower()
     seeds = [int(s) for s in opts["seeds"].split(",") if s != ""]
+    if _flag(opts["retrain"]) and opts["alone"] == "skip":
+        raise SystemExit("retrain=true compares each export, trained from scratch, with the uniform widths trained "
+                         "alone; give alone=train or alone=<an earlier slimmable_bench.json>, not alone=skip")
     jobs = max(1, min(int(opts["jobs"]), len(seeds)))
     t0 = time.perf_counter()
     # build (or load) the latency table once, before any training, on a quiet machine

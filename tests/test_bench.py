@@ -205,6 +205,16 @@ def test_slimmable_bench_smoke(tmp_path):
                ["export.calib_batches=2"])
     assert all(w["alone"] is None and w["diff"] is None for w in skip["summary"]["widths"])
     assert "— (alone=skip)" in (tmp_path / "skip" / "slimmable_bench.md").read_text()
+    # retrain=true (AutoSlim's protocol): every export trained from scratch, against the widths trained alone
+    with pytest.raises(SystemExit, match="alone=skip"):
+        run({**opts, "alone": "skip", "retrain": "true"})
+    re = run({**opts, "seeds": "0", "uniform_check": "false", "retrain": "true",
+              "alone": str(tmp_path / "slimmable_bench.json"), "out": str(tmp_path / "re")}, ["export.calib_batches=2"])
+    assert re["opts"]["uniform_check"] == "false"
+    for f in re["summary"]["searched"]:
+        assert f["source"] == "greedy" and 0 <= f["retrained_acc"] <= 100
+        assert f["retrained_vs_alone"] == pytest.approx(f["retrained_acc"] - f["uniform_alone_at_same"])
+    assert "retrained alone vs uniform widths trained alone" in (tmp_path / "re" / "slimmable_bench.md").read_text()
     assert interpolate(1.5, [1.0, 2.0], [10.0, 20.0]) == pytest.approx(15.0)
     assert interpolate(2.0, [2.0, 1.0], [20.0, 10.0]) == pytest.approx(20.0)
     assert interpolate(3.0, [1.0, 2.0], [10.0, 20.0]) is None
