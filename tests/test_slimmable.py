@@ -479,6 +479,35 @@ def test_width_search_never_returns_less_than_a_uniform_width_within_the_target(
     assert all(f["source"] == "greedy" and "greedy" not in f for f in found2.values())
 
 
+def test_fill_also_widens_greedy_picks_without_the_uniform_check():
+    """``uniform_check=false, fill=true``: the greedy net of each target is widened within the target
+    while the score holds (score: a weighted total width, so every widening that fits is taken; with
+    stage 1 weighted 8x the greedy path crosses t0.50 with budget to spare)."""
+    from nas.cost import build_flops_model
+    from nas.strategies.slimmable import greedy_slim
+
+    space = SearchSpace.from_yaml(SLIM)
+    flops = build_flops_model(space, 10)
+    base = {l.name: "k3_e6" for l in space.layers}
+    hi = flops.predict(space.largest(10))
+    targets = {"t0.50": 0.5 * hi}
+    score = lambda a: sum(w * c for w, c in zip(space.widths(a), (8, 1, 1, 1))) / 1000  # noqa: E731
+    plain, _ = greedy_slim(space, base, 10, flops.predict, score, targets)
+    filled, rows = greedy_slim(space, base, 10, flops.predict, score, targets, fill=True)
+    f = filled["t0.50"]
+    assert f["source"] == "greedy" and f["cost"] <= targets["t0.50"]
+    assert plain["t0.50"].get("filled") is None and f["filled"] == 3  # three widenings fitted
+    assert f["filled"] == sum(r["chosen"] for r in rows if r["kind"] == "fill")
+    assert f["acc"] > plain["t0.50"]["acc"] and f["cost"] > plain["t0.50"]["cost"]
+    idx = [space.stage_widths[s].index(w) for s, w in enumerate(space.widths(f["arch"]))]
+    for s in range(4):  # no single widening of the result fits the target any more
+        if idx[s] + 1 < len(space.stage_widths[s]):
+            wider = list(space.widths(f["arch"]))
+            wider[s] = space.stage_widths[s][idx[s] + 1]
+            a = space.make_arch({**base, **{f"s{i + 1}.width": f"c{c}" for i, c in enumerate(wider)}}, 10)
+            assert flops.predict(a) > targets["t0.50"]
+
+
 def test_width_search_fills_the_budget_where_accuracy_holds():
     """After the uniform check each target's net widens one stage at a time within the target while the
     score does not drop: where the score grows with width, no single widening of the result fits."""

@@ -224,7 +224,7 @@ class SlimmableSearch(SearchStrategy):
                  weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0,
                  calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "mixed",
-                 uniform_check: bool = True):
+                 uniform_check: bool = True, fill: bool = True):
         space: SearchSpace = supernet.space
         if not space.has_widths:
             raise UserError(f"strategy slimmable searches widths, and space {space.name!r} has none; use "
@@ -256,6 +256,7 @@ class SlimmableSearch(SearchStrategy):
         self.n_random = int(n_random)
         self.random_widths = random_widths
         self.uniform_check = bool(uniform_check)
+        self.fill = bool(fill)
         self.distill = bool(distill)
         self.temperature = float(distill_temperature)
         if not 0.0 < float(distill_weight) <= 1.0:
@@ -482,7 +483,7 @@ class SlimmableSearch(SearchStrategy):
                                   self.cost_model.predict, eval_arch, self.targets, log=log,
                                   op_cost=self.cost_model.layer_cost if self.search_ops else None,
                                   uniform=list(self.supernet.space.uniform_widths().values()) if self.uniform_check else (),
-                                  fill=self.uniform_check)
+                                  fill=self.fill)
         self.supernet.set_active(self.arch_for(self.widest))
         self._derived = {"found": found, "rows": rows}
         return self._derived
