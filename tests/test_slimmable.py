@@ -294,6 +294,15 @@ def test_random_widths_per_stage_uniform_or_mixed(kind):
         _strategy(random_widths="layer")
 
 
+@pytest.mark.parametrize("key", ["distill", "uniform_check", "fill"])
+def test_switches_refuse_anything_but_true_or_false(key):
+    """Hydra passes ``fill=no`` as the string 'no', which bool() would read as on."""
+    from nas.errors import UserError
+
+    with pytest.raises(UserError, match=f"strategy.module.{key}='no' must be true or false"):
+        _strategy(**{key: "no"})
+
+
 def test_inplace_distillation_is_on_by_default_and_uses_the_detached_widest(monkeypatch):
     import yaml
 

@@ -243,6 +243,9 @@ class SlimmableSearch(SearchStrategy):
         if isinstance(n_random, bool) or int(n_random) != n_random or n_random < 0:
             raise UserError(f"strategy.module.n_random={n_random!r} must be an integer >= 0 (random widths per "
                             f"batch besides the widest and the narrowest)")
+        for key, v in (("distill", distill), ("uniform_check", uniform_check), ("fill", fill)):
+            if not isinstance(v, bool):  # bool("no") would be True: a misspelt switch must not turn it on
+                raise UserError(f"strategy.module.{key}={v!r} must be true or false")
         for key, v in (("calib_batches", calib_batches), ("eval_batches", eval_batches)):
             if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
                 raise UserError(f"strategy.module.{key}={v!r} must be a positive integer")
@@ -255,9 +258,9 @@ class SlimmableSearch(SearchStrategy):
         self.bn = bn
         self.n_random = int(n_random)
         self.random_widths = random_widths
-        self.uniform_check = bool(uniform_check)
-        self.fill = bool(fill)
-        self.distill = bool(distill)
+        self.uniform_check = uniform_check
+        self.fill = fill
+        self.distill = distill
         self.temperature = float(distill_temperature)
         if not 0.0 < float(distill_weight) <= 1.0:
             raise UserError(f"strategy.module.distill_weight={distill_weight} must be in (0, 1] (the share of the "
