@@ -176,7 +176,8 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
         for label, t in targets.items():
             f = found.get(label)
             if cost <= t and (f is None or acc > f["acc"]):
-                greedy = (f.get("greedy") if f["source"] == "uniform" else f) if f else None
+                # the greedy pick it replaces (kept once, even if a later uniform width replaces this one)
+                greedy = f if f is None or f["source"] == "greedy" else f.get("greedy")
                 found[label] = {"arch": arch, "cost": cost, "acc": acc, "step": None, "target": t, "source": "uniform"}
                 if greedy is not None:
                     found[label]["greedy"] = {k: greedy[k] for k in ("arch", "cost", "acc", "step")}
@@ -199,9 +200,10 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
                             acc = acc_of(arch)
                             rows.append(row(None, s + 1, nidx, ops, cost, acc, None, False, kind="fill"))
                             cands.append((acc, -cost, nidx, arch, cost, rows[-1]))
-                if not cands or max(cands, key=lambda c: c[:2])[0] < cur_acc:
+                best = max(cands, key=lambda c: c[:2]) if cands else None
+                if best is None or best[0] < cur_acc:
                     break
-                acc, _, idx, cur, cur_cost, r = max(cands, key=lambda c: c[:2])
+                acc, _, idx, cur, cur_cost, r = best
                 r["chosen"] = True
                 cur_acc, steps = acc, steps + 1
             if steps:
