@@ -115,12 +115,25 @@ def train_alone(net, datamodule, epochs: int, lr: float = 0.05, momentum: float 
     return time.perf_counter() - t0
 
 
+def _from_scratch(space, arch, datamodule, test, epochs: int, seed: int) -> tuple[float, float]:
+    """``arch`` as a plain timm net trained alone from scratch (seeded): (test accuracy, wall seconds)."""
+    import pytorch_lightning as pl
+
+    from supernets.blocks import space_timm_net
+
+    from .export import evaluate
+
+    pl.seed_everything(seed, verbose=False)
+    net = space_timm_net(space, arch, datamodule.num_classes)
+    secs = train_alone(net, datamodule, epochs)
+    return evaluate(net, test), secs
+
+
 def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any]:
     """One slimmable run, every uniform width alone, and the width search: accuracies and archs."""
     import pytorch_lightning as pl
     import torch
 
-    from supernets.blocks import space_timm_net
     from supernets.supernet import Supernet
 
     from .export import evaluate
@@ -153,10 +166,7 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
         elif earlier:
             alone_acc, secs = earlier[tuple(widths)]
         else:
-            pl.seed_everything(seed, verbose=False)
-            alone = space_timm_net(space, arch, nc)
-            secs = train_alone(alone, dm, epochs)
-            alone_acc = evaluate(alone, test)
+            alone_acc, secs = _from_scratch(space, arch, dm, test, epochs, seed)
         rows.append({"multiplier": m, "widths": widths, "choices": dict(arch.choices), "mflops": flops.predict(arch),
                      "cost": cost.predict(arch), "slimmable_acc": slim_acc, "alone_acc": alone_acc,
                      "alone_seconds": secs})
@@ -179,10 +189,7 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
             if tuple(f["widths"]) in alone_of:  # a uniform width: its baseline is this very training (same seed)
                 f["retrained_acc"] = alone_of[tuple(f["widths"])]
                 continue
-            pl.seed_everything(seed, verbose=False)
-            net = space_timm_net(space, space.make_arch(f["choices"], nc), nc)
-            train_alone(net, dm, epochs)
-            f["retrained_acc"] = evaluate(net, test)
+            f["retrained_acc"], _ = _from_scratch(space, space.make_arch(f["choices"], nc), dm, test, epochs, seed)
             print(f"seed {seed} {f['label']} widths {f['widths']}: retrained alone {100 * f['retrained_acc']:.2f}%",
                   flush=True)
     return {"seed": seed, "slimmable_seconds": slim_seconds, "rows": rows, "searched": searched,
@@ -190,7 +197,10 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
 
 
 def _flag(v: str) -> bool:
-    return str(v).lower() in ("1", "true", "yes")
+    v = str(v).lower()
+    if v not in ("1", "true", "yes", "0", "false", "no"):
+        raise SystemExit(f"{v!r} is not a switch; give true or false")
+    return v in ("1", "true", "yes")
 
 
 def _earlier_alone(opts: dict[str, str], extra: list[str], seed: int) -> dict[tuple, tuple[float, float]]:
@@ -323,12 +333,10 @@ def markdown(summary: dict[str, Any], unit: str, seeds: list[int], timed: bool) 
         lines.append(f"| {t['label']} ({t['target']:.4g}) | {pm(t['test_acc'])} | {ms(t['vs_uniform'])} | "
                      f"{ms(t['vs_best_uniform_within'])} | {t['uniform_picked']}/{t['n']} | "
                      f"{ms(t['greedy_vs_uniform'])} |{err}")
-    lines += ["", "Each searched net (greedy, arch split) against its seed's uniform curves at the same "
-              + ("measured latency" if timed else "cost") + ":", ""] + _searched_rows(summary, unit, timed, retrained)
+    lines += ["", f"Each searched net (greedy, arch split) against its seed's uniform curves at the same {same}:", ""] + _searched_rows(summary, unit, timed, retrained)
     if retrained:
         lines += ["", "Retrained: each export trained from scratch for the same epochs with the same optimizer as the "
-                  "uniform widths trained alone (AutoSlim's protocol), against that curve at the same "
-                  + ("measured latency" if timed else "cost") + "."]
+                  f"uniform widths trained alone (AutoSlim's protocol), against that curve at the same {same}."]
     return "\n".join(lines)
 
 
