@@ -23,7 +23,7 @@ same latency*. Seeds run ``jobs`` at a time in separate processes (one torch thr
 
 ``retrain=true`` (AutoSlim's protocol) also trains every export from scratch, like the uniform widths
 trained alone (same epochs, optimizer and seed), and compares it with that curve at the same cost
-or measured latency; an export that is a uniform width reuses its own baseline. ``uniform_check``, ``fill``
+or measured latency; an export that is a uniform width reuses its own baseline. ``uniform_check``, ``fill``, ``min_fraction``
 (and the other strategy options: ``bn``, ``n_random``, ``random_widths``, ``distill``,
 ``distill_weight``) default to conf/strategy/slimmable.yaml; ``uniform_check=false`` exports the
 greedy nets.
@@ -49,11 +49,12 @@ from typing import Any
 
 OPTS = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "10", "seeds": "0",
         "jobs": "1", "bn": "", "n_random": "", "random_widths": "", "distill": "", "distill_weight": "", "out": "",
-        "uniform_check": "", "fill": "", "threads": "1", "targets": "0.4,0.6,0.8", "alone": "train", "retrain": "false"}
+        "uniform_check": "", "fill": "", "min_fraction": "", "threads": "1", "targets": "0.4,0.6,0.8", "alone": "train", "retrain": "false"}
 
 
 #: options of the slimmable strategy itself; left empty they take conf/strategy/slimmable.yaml's values
-STRATEGY_KEYS = ("bn", "n_random", "random_widths", "distill", "distill_weight", "uniform_check", "fill")
+STRATEGY_KEYS = ("bn", "n_random", "random_widths", "distill", "distill_weight", "uniform_check", "fill",
+                 "min_fraction")
 
 
 def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -149,6 +150,7 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
                              random_widths=opts["random_widths"], distill_weight=float(opts["distill_weight"]),
                              distill=_flag(opts["distill"]), uniform_check=_flag(opts["uniform_check"]),
                              fill=_flag(opts["fill"]),
+                             min_fraction=None if opts["min_fraction"] in ("none", "null") else float(opts["min_fraction"]),
                              calib_batches=int(cfg.export.calib_batches))
     trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)

@@ -290,8 +290,46 @@ def test_random_widths_per_stage_uniform_or_mixed(kind):
         assert uniform - {(8, 8, 8, 16), (16, 24, 32, 64)} <= drawn
     from nas.errors import UserError
 
-    with pytest.raises(UserError, match="random_widths='layer' is unknown; choose one of: stage, uniform, mixed"):
+    with pytest.raises(UserError, match="random_widths='layer' is unknown; choose one of: stage, uniform, mixed, budget"):
         _strategy(random_widths="layer")
+
+
+def test_budget_widths_train_the_nets_just_under_each_target():
+    """``random_widths=budget``: half the random nets are the middle uniform widths, the other half
+    per-stage nets whose predicted cost is within 15 % under a random target, from a pool that is
+    exactly every such width choice of the space."""
+    import itertools
+
+    module = _strategy(random_widths="budget", targets=[0.45, 0.8], min_fraction=0.85)
+    space, cost = module.supernet.space, module.cost_model
+    priced = {c: cost.predict(module.arch_for(c)) for c in itertools.product(*space.stage_widths)}
+    pool = module.budget_pool()
+    for label, t in module.targets.items():
+        assert sorted(pool[label]) == sorted(c for c, v in priced.items() if 0.85 * t <= v <= t)
+        assert len(pool[label]) > 3
+    torch.manual_seed(0)
+    drawn = [tuple(module.sample_widths()) for _ in range(400)]
+    middle = {tuple(w) for w in space.uniform_widths().values()} - {tuple(module.widest), tuple(module.narrowest)}
+    in_band = {label: [c for c in drawn if c in pool[label]] for label in pool}
+    assert set(drawn) <= middle | set(pool["t0.45"]) | set(pool["t0.80"])
+    assert 150 < sum(c in middle for c in drawn) < 250  # half uniform
+    for label in pool:  # each target gets about a quarter of the draws, from many different nets
+        assert 60 < len(in_band[label]) and len(set(in_band[label])) >= min(10, len(pool[label]))
+
+
+def test_budget_pool_with_no_net_in_the_band_takes_the_closest_under_the_target():
+    """A coarse space can leave no net within the band under a target: the pool then holds the 8
+    nets under the target closest to it, never one above it (here the band ``min_fraction=1`` is
+    empty: no net costs exactly the target)."""
+    import itertools
+
+    module = _strategy(random_widths="budget", targets=[0.6], min_fraction=1.0)
+    (label, t), = module.targets.items()
+    costs = sorted({module.cost_model.predict(module.arch_for(c)) for c in itertools.product(*module.supernet.space.stage_widths)})
+    below = [v for v in costs if v <= t]
+    assert below[-1] < t
+    pool = module.budget_pool()[label]
+    assert sorted(module.cost_model.predict(module.arch_for(c)) for c in pool) == sorted(below)[-8:]
 
 
 @pytest.mark.parametrize("key", ["distill", "uniform_check", "fill"])
@@ -548,6 +586,61 @@ def test_width_search_fills_the_budget_where_accuracy_holds():
         if w[3] != 64:  # stage 4 widened as far as the target allows (widening stages 1-3 loses the score)
             wider = w[:3] + [space.stage_widths[3][space.stage_widths[3].index(w[3]) + 1]]
             assert flops.predict(arch(wider)) > t  # the budget is used up
+
+
+def test_min_fraction_keeps_each_export_within_its_band():
+    """``min_fraction``: the sandwich's narrowest net scores best (it trains at every step); without a
+    band, a tight target exports it far below the target. With ``min_fraction=0.85`` the uniform check
+    only takes uniform widths in [0.85 T, T], and the fill widens a net below the band even where the
+    score drops, until it is in the band or nothing more fits."""
+    from nas.cost import build_flops_model
+    from nas.strategies.slimmable import greedy_slim
+
+    space = SearchSpace.from_yaml(SLIM)
+    flops = build_flops_model(space, 10)
+    base = {l.name: "k3_e6" for l in space.layers}
+    uniform = list(space.uniform_widths().values())
+    narrowest = [min(ws) for ws in space.stage_widths]
+
+    def score(a):  # the narrowest is best; otherwise narrower is better too (every widening loses score)
+        w = space.widths(a)
+        return 1.0 if w == narrowest else 0.8 - sum(w) / 1000
+
+    hi = flops.predict(space.largest(10))
+    lo = flops.predict(space.make_arch({**base, **{f"s{i + 1}.width": f"c{c}" for i, c in enumerate(narrowest)}}, 10))
+    targets = {"t0.80": 0.8 * hi, "t0.45": 0.45 * hi}
+    assert lo < 0.85 * targets["t0.45"]  # the narrowest is below the band of the tightest target
+    free, _ = greedy_slim(space, base, 10, flops.predict, score, targets, uniform=uniform, fill=True)
+    assert all(space.widths(f["arch"]) == narrowest for f in free.values())
+    banded, rows = greedy_slim(space, base, 10, flops.predict, score, targets, uniform=uniform, fill=True,
+                               min_fraction=0.85)
+    for label, t in targets.items():
+        f = banded[label]
+        assert 0.85 * t <= f["cost"] <= t, (label, f["cost"] / t)
+        assert space.widths(f["arch"]) != narrowest
+    # a band so high that the greedy pick falls below it: the fill widens while the score drops
+    t = {"t0.60": 0.6 * hi}
+    plain, _ = greedy_slim(space, base, 10, flops.predict, score, t, fill=True)
+    assert plain["t0.60"].get("filled") is None and plain["t0.60"]["cost"] < 0.99 * t["t0.60"]
+    high, rows = greedy_slim(space, base, 10, flops.predict, score, t, fill=True, min_fraction=0.99)
+    f = high["t0.60"]
+    assert f["filled"] >= 1 and f["acc"] < plain["t0.60"]["acc"] and plain["t0.60"]["cost"] < f["cost"] <= t["t0.60"]
+    if f["cost"] < 0.99 * t["t0.60"]:  # still below the band: because no single widening fits any more
+        w = space.widths(f["arch"])
+        for s, ws in enumerate(space.stage_widths):
+            if ws.index(w[s]) + 1 < len(ws):
+                wider = [ws[ws.index(c) + 1] if k == s else c for k, c in enumerate(w)]
+                a = space.make_arch({**base, **{f"s{i + 1}.width": f"c{c}" for i, c in enumerate(wider)}}, 10)
+                assert flops.predict(a) > t["t0.60"]
+
+
+def test_min_fraction_must_be_a_fraction():
+    from nas.errors import UserError
+
+    for bad in (0, 1.5, "most", True):
+        with pytest.raises(UserError, match=r"min_fraction=.* must be in \(0, 1\]"):
+            _strategy(min_fraction=bad, targets=[0.8])
+    assert _strategy(min_fraction=None, targets=[0.8]).min_fraction is None
 
 
 def test_unreachable_target_and_spaces_without_widths_are_user_errors():

@@ -46,7 +46,12 @@ from .base import SearchStrategy
 
 OPS_MODES = ("largest", "smallest", "search")
 REORDER = ("l1", "bn")
-RANDOM_WIDTHS = ("stage", "uniform", "mixed")
+RANDOM_WIDTHS = ("stage", "uniform", "mixed", "budget")
+#: ``random_widths=budget`` draws per-stage nets whose predicted cost is in [b * T, T] of a target T, b the export
+#: band ``min_fraction``, or this without one
+BUDGET_BAND = 0.85
+#: at most this many per-stage width choices are priced for the budget pool (all of them in smaller spaces)
+BUDGET_POOL = 20000
 
 
 def target_label(target: float | str) -> str:
@@ -71,7 +76,7 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
                 evaluate: Callable[[Arch], float], targets: Mapping[str, float],
                 log: Callable[[str], Any] | None = None,
                 op_cost: Callable[[Any, str, int, int], float] | None = None,
-                uniform: Sequence[Sequence[int]] = (), fill: bool = False,
+                uniform: Sequence[Sequence[int]] = (), fill: bool = False, min_fraction: float | None = None,
                 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """AutoSlim's greedy slimming over the stage widths of ``space``, starting from the widest with
     the ops of ``base_choices``.
@@ -85,6 +90,13 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
     then the budget is filled: each target's network widens one stage by one step at a time, the best-scoring
     widening that stays within the target, as long as the score does not drop (``filled`` counts the
     steps; rows of kind ``fill``).
+
+    ``min_fraction``: an export should use its budget, its predicted cost in ``[min_fraction * T, T]``.
+    The uniform check then only takes uniform widths in that band, and the fill widens a network below
+    the band even where its score drops (the best-scoring widening within ``T`` each step) until it
+    reaches the band or nothing more fits. The search's score favours the sandwich's narrowest net,
+    which trains at every step: without the band, a tight target tends to get the narrowest net far
+    below it (``None``: no lower bound).
 
     Returns ``(found, rows)``: ``found[label]`` = ``{"arch", "cost", "acc", "step", "target", "source"}``
     for every target (the first network on the greedy path whose predicted cost is <= the target, or
@@ -175,13 +187,15 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
         rows.append(row(None, None, idx, base_ops, cost, acc, None, False, kind="uniform"))
         for label, t in targets.items():
             f = found.get(label)
-            if cost <= t and (f is None or acc > f["acc"]):
+            in_band = min_fraction is None or cost >= min_fraction * t
+            if cost <= t and in_band and (f is None or acc > f["acc"]):
                 # the greedy pick it replaces (kept once, even if a later uniform width replaces this one)
                 greedy = f if f is None or f["source"] == "greedy" else f.get("greedy")
                 found[label] = {"arch": arch, "cost": cost, "acc": acc, "step": None, "target": t, "source": "uniform"}
                 if greedy is not None:
                     found[label]["greedy"] = {k: greedy[k] for k in ("arch", "cost", "acc", "step")}
     if fill:  # fill the budget: widen one stage at a time, within the target, while arch-split accuracy holds
+        # (below the band: whatever the accuracy)
         for label, t in targets.items():
             f = found.get(label)
             if f is None:
@@ -201,7 +215,8 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
                             rows.append(row(None, s + 1, nidx, ops, cost, acc, None, False, kind="fill"))
                             cands.append((acc, -cost, nidx, arch, cost, rows[-1]))
                 best = max(cands, key=lambda c: c[:2]) if cands else None
-                if best is None or best[0] < cur_acc:
+                below = min_fraction is not None and cur_cost < min_fraction * t
+                if best is None or (best[0] < cur_acc and not below):
                     break
                 acc, _, idx, cur, cur_cost, r = best
                 r["chosen"] = True
@@ -210,6 +225,9 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
                 found[label] = {**f, "arch": cur, "cost": cur_cost, "acc": cur_acc, "filled": steps}
     if log:
         for label, f in found.items():
+            if min_fraction is not None and f["cost"] < min_fraction * f["target"]:
+                log(f"width search {label}: no network in [{min_fraction:g}, 1] x the target was reached "
+                    f"(cost {f['cost']:.4g} for a target of {f['target']:.4g}); exporting it anyway")
             if f["source"] == "uniform":
                 log(f"width search {label}: a uniform width within the target scored higher than the greedy net "
                     f"({100 * f['acc']:.2f}% vs {100 * f['greedy']['acc']:.2f}%); exporting the uniform one")
@@ -226,7 +244,7 @@ class SlimmableSearch(SearchStrategy):
                  weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0,
                  calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "mixed",
-                 uniform_check: bool = True, fill: bool = True):
+                 uniform_check: bool = True, fill: bool = True, min_fraction: float | None = 0.85):
         space: SearchSpace = supernet.space
         if not space.has_widths:
             raise UserError(f"strategy slimmable searches widths, and space {space.name!r} has none; use "
@@ -248,6 +266,10 @@ class SlimmableSearch(SearchStrategy):
         for key, v in (("distill", distill), ("uniform_check", uniform_check), ("fill", fill)):
             if not isinstance(v, bool):  # bool("no") would be True: a misspelt switch must not turn it on
                 raise UserError(f"strategy.module.{key}={v!r} must be true or false")
+        if min_fraction is not None and (isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float))
+                                         or not 0.0 < float(min_fraction) <= 1.0):
+            raise UserError(f"strategy.module.min_fraction={min_fraction!r} must be in (0, 1] (an export's predicted "
+                            f"cost is kept within [min_fraction, 1] x its target), or null for no lower bound")
         for key, v in (("calib_batches", calib_batches), ("eval_batches", eval_batches)):
             if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
                 raise UserError(f"strategy.module.{key}={v!r} must be a positive integer")
@@ -262,6 +284,7 @@ class SlimmableSearch(SearchStrategy):
         self.random_widths = random_widths
         self.uniform_check = uniform_check
         self.fill = fill
+        self.min_fraction = None if min_fraction is None else float(min_fraction)
         self.distill = distill
         self.temperature = float(distill_temperature)
         if not 0.0 < float(distill_weight) <= 1.0:
@@ -294,6 +317,7 @@ class SlimmableSearch(SearchStrategy):
         self._datamodule = None
         self._eval_net = None
         self._derived: dict[str, Any] | None = None
+        self._budget_pool: dict[str, list[tuple[int, ...]]] | None = None
         self._epoch_losses: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ targets
@@ -340,15 +364,49 @@ class SlimmableSearch(SearchStrategy):
         ``random_widths=stage`` a random width per stage (uniform over the stage's widths), ``uniform``
         one random multiplier for every stage (:meth:`SearchSpace.uniform_widths`; one strictly between
         the narrowest and the widest where there is one, since those run every step anyway), ``mixed``
-        either, with probability 1/2."""
+        either, with probability 1/2; ``budget`` a uniform one or, with probability 1/2, a per-stage net
+        from :meth:`budget_pool` of a random target (one whose predicted cost is within 15 % under it):
+        the nets the width search will pick from are trained as such, not only the uniform widths."""
         kind = self.random_widths
-        if kind == "mixed":
-            kind = "uniform" if float(torch.rand(())) < 0.5 else "stage"
+        if kind in ("mixed", "budget"):
+            stage = "budget" if kind == "budget" else "stage"
+            kind = "uniform" if float(torch.rand(())) < 0.5 else stage
+        if kind == "budget":
+            pools = list(self.budget_pool().values())
+            pool = pools[int(torch.randint(len(pools), (1,)))]
+            return list(pool[int(torch.randint(len(pool), (1,)))])
         if kind == "uniform":  # the sandwich's ends already run every step: draw among the widths between them
             configs = list(self.supernet.space.uniform_widths().values())
             configs = configs[1:-1] or configs
             return list(configs[int(torch.randint(len(configs), (1,)))])
         return [ws[int(torch.randint(len(ws), (1,)))] for ws in self.supernet.space.stage_widths]
+
+    def budget_pool(self) -> dict[str, list[tuple[int, ...]]]:
+        """Per target: the per-stage widths (at the base ops) whose predicted cost is in
+        ``[b * T, T]``, ``b`` the export band ``min_fraction`` (``BUDGET_BAND`` without one); where none is, the 8 below ``T`` closest to it (every target is at
+        least the narrowest net's cost, so no pool is empty). Every width choice of the space is priced
+        when there are at most ``BUDGET_POOL``, else that many drawn with a fixed seed (so every rank and
+        every resumed run has the same pool). Built once."""
+        if self._budget_pool is None:
+            import itertools
+
+            sw = self.supernet.space.stage_widths
+            if math.prod(len(ws) for ws in sw) <= BUDGET_POOL:
+                combos = sorted(itertools.product(*sw))
+            else:
+                g = torch.Generator().manual_seed(0)
+                combos = sorted({tuple(ws[int(torch.randint(len(ws), (1,), generator=g))] for ws in sw)
+                                 for _ in range(BUDGET_POOL)})
+            costs = [float(self.cost_model.predict(self.arch_for(c))) for c in combos]
+            pools, band = {}, BUDGET_BAND if self.min_fraction is None else self.min_fraction
+            for label, t in self.targets.items():
+                pool = [c for c, cost in zip(combos, costs) if band * t <= cost <= t]
+                if not pool:
+                    below = sorted((t - cost, c) for c, cost in zip(combos, costs) if cost <= t)
+                    pool = [c for _, c in below[:8]] or [tuple(self.narrowest)]
+                pools[label] = pool
+            self._budget_pool = pools
+        return self._budget_pool
 
     def sample_ops(self) -> dict[str, str]:
         """A random op per layer (uniform over its choices) when ops are searched, else the fixed ones."""
@@ -488,7 +546,7 @@ class SlimmableSearch(SearchStrategy):
                                   self.cost_model.predict, eval_arch, self.targets, log=log,
                                   op_cost=self.cost_model.layer_cost if self.search_ops else None,
                                   uniform=list(self.supernet.space.uniform_widths().values()) if self.uniform_check else (),
-                                  fill=self.fill)
+                                  fill=self.fill, min_fraction=self.min_fraction)
         self.supernet.set_active(self.arch_for(self.widest))
         self._derived = {"found": found, "rows": rows}
         return self._derived
