@@ -2,7 +2,10 @@
 
 Training (sandwich rule, one optimizer step per batch): every batch runs the widest network, the
 narrowest and ``n_random`` random width choices (``random_widths``: ``stage``, a random width per
-stage, non-uniform nets; ``uniform``, one random multiplier for every stage; ``mixed``, either).
+stage, non-uniform nets; ``uniform``, one random multiplier for every stage; ``mixed``, either;
+``budget``, the default, either a uniform one or a per-stage net whose predicted cost is in the
+export band ``[min_fraction * T, T]`` of a random target ``T``, so that the nets the width search
+will choose from are trained as such).
 Gradients of all of them accumulate; then one SGD step. In-place distillation (on by default): the
 widest learns from the labels, every other width from the widest's *detached* soft predictions,
 mixed with the labels by ``distill_weight`` (``w * KD + (1 - w) * CE``; 1: the teacher only, as in
@@ -18,7 +21,10 @@ step, evaluate each candidate on the arch split after BatchNorm calibration (exa
 ``calib_batches`` training batches), and keep the one that loses the least accuracy per unit of
 cost saved (latency table ms or FLOPs). The network is recorded for every target the moment its
 predicted cost drops to or below it, so several targets come out of one pass. Every network
-evaluated goes into a table (``width_search.csv`` / ``.json`` in each export).
+evaluated goes into a table (``width_search.csv`` / ``.json`` in each export). Then (defaults) the
+uniform widths are checked and each target's net is widened within its target while its score holds;
+every export's predicted cost is kept in ``[min_fraction * T, T]`` where a net there is reachable
+(see :func:`greedy_slim`).
 
 Op decisions (``ops``): ``largest`` / ``smallest`` fix every layer's op (a width-only search, as
 AutoSlim); ``search`` searches them with the widths: the sandwich's widest net runs every layer's
@@ -243,8 +249,8 @@ class SlimmableSearch(SearchStrategy):
                  reorder: str | None = None, ops: str = "largest", warmup_epochs: int = 0,
                  weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0,
-                 calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "mixed",
-                 uniform_check: bool = True, fill: bool = True, min_fraction: float | None = 0.85):
+                 calib_batches: int = 20, eval_batches: int | None = None, random_widths: str = "budget",
+                 uniform_check: bool = True, fill: bool = True, min_fraction: float | None = 0.9):
         space: SearchSpace = supernet.space
         if not space.has_widths:
             raise UserError(f"strategy slimmable searches widths, and space {space.name!r} has none; use "
