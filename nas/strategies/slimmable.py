@@ -371,7 +371,7 @@ class SlimmableSearch(SearchStrategy):
         one random multiplier for every stage (:meth:`SearchSpace.uniform_widths`; one strictly between
         the narrowest and the widest where there is one, since those run every step anyway), ``mixed``
         either, with probability 1/2; ``budget`` a uniform one or, with probability 1/2, a per-stage net
-        from :meth:`budget_pool` of a random target (one whose predicted cost is within 15 % under it):
+        from :meth:`budget_pool` of a random target (its predicted cost in the export band under it):
         the nets the width search will pick from are trained as such, not only the uniform widths."""
         kind = self.random_widths
         if kind in ("mixed", "budget"):
@@ -388,9 +388,9 @@ class SlimmableSearch(SearchStrategy):
         return [ws[int(torch.randint(len(ws), (1,)))] for ws in self.supernet.space.stage_widths]
 
     def budget_pool(self) -> dict[str, list[tuple[int, ...]]]:
-        """Per target: the per-stage widths (at the base ops) whose predicted cost is in
-        ``[b * T, T]``, ``b`` the export band ``min_fraction`` (``BUDGET_BAND`` without one); where none is, the 8 below ``T`` closest to it (every target is at
-        least the narrowest net's cost, so no pool is empty). Every width choice of the space is priced
+        """Per target: the per-stage widths (at the base ops) whose predicted cost is in ``[b * T, T]``,
+        ``b`` the export band ``min_fraction`` (``BUDGET_BAND`` without one); where none is, the 8 below
+        ``T`` closest to it (every target is at least the narrowest net's cost, so no pool is empty). Every width choice of the space is priced
         when there are at most ``BUDGET_POOL``, else that many drawn with a fixed seed (so every rank and
         every resumed run has the same pool). Built once."""
         if self._budget_pool is None:
