@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -394,8 +395,6 @@ class SlimmableSearch(SearchStrategy):
         when there are at most ``BUDGET_POOL``, else that many drawn with a fixed seed (so every rank and
         every resumed run has the same pool). Built once."""
         if self._budget_pool is None:
-            import itertools
-
             sw = self.supernet.space.stage_widths
             if math.prod(len(ws) for ws in sw) <= BUDGET_POOL:
                 combos = sorted(itertools.product(*sw))
