@@ -375,9 +375,10 @@ class SlimmableSearch(SearchStrategy):
         from :meth:`budget_pool` of a random target (its predicted cost in the export band under it):
         the nets the width search will pick from are trained as such, not only the uniform widths."""
         kind = self.random_widths
-        if kind in ("mixed", "budget"):
-            stage = "budget" if kind == "budget" else "stage"
-            kind = "uniform" if float(torch.rand(())) < 0.5 else stage
+        if kind in ("mixed", "budget") and float(torch.rand(())) < 0.5:
+            kind = "uniform"
+        elif kind == "mixed":
+            kind = "stage"
         if kind == "budget":
             pools = list(self.budget_pool().values())
             pool = pools[int(torch.randint(len(pools), (1,)))]
@@ -391,9 +392,9 @@ class SlimmableSearch(SearchStrategy):
     def budget_pool(self) -> dict[str, list[tuple[int, ...]]]:
         """Per target: the per-stage widths (at the base ops) whose predicted cost is in ``[b * T, T]``,
         ``b`` the export band ``min_fraction`` (``BUDGET_BAND`` without one); where none is, the 8 below
-        ``T`` closest to it (every target is at least the narrowest net's cost, so no pool is empty). Every width choice of the space is priced
-        when there are at most ``BUDGET_POOL``, else that many drawn with a fixed seed (so every rank and
-        every resumed run has the same pool). Built once."""
+        ``T`` closest to it (every target is at least the narrowest net's cost, so no pool is empty).
+        Every width choice of the space is priced when there are at most ``BUDGET_POOL``, else that many
+        drawn with a fixed seed (so every rank and every resumed run has the same pool). Built once."""
         if self._budget_pool is None:
             sw = self.supernet.space.stage_widths
             if math.prod(len(ws) for ws in sw) <= BUDGET_POOL:
