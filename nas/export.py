@@ -24,12 +24,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from nas.errors import UserError
+from nas.io import export_onnx
 from supernets.arch import Arch, ArchError
 from supernets.blocks import build_timm_net
 from supernets.space import SearchSpace
-
-from .errors import UserError
-from .onnx_utils import export_onnx
 
 ARCH_FILE = "arch.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -56,7 +55,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_model_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    from .cost import count_flops
+    from nas.latency.analytic import count_flops
 
     return count_flops(model, input_shape)
 

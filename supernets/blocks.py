@@ -5,9 +5,18 @@ from __future__ import annotations
 from functools import partial
 
 import torch.nn as nn
-from timm.layers import create_classifier, create_conv2d, get_act_layer, get_norm_act_layer
+from timm.layers import (
+    create_classifier,
+    create_conv2d,
+    get_act_layer,
+    get_norm_act_layer,
+)
 from timm.models import EfficientNet
-from timm.models._efficientnet_builder import EfficientNetBuilder, decode_arch_def, round_channels
+from timm.models._efficientnet_builder import (
+    EfficientNetBuilder,
+    decode_arch_def,
+    round_channels,
+)
 
 from .space import BlockSpec, SearchSpace
 

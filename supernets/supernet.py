@@ -15,8 +15,8 @@ from timm.models._efficientnet_builder import efficientnet_init_weights
 
 from .arch import Arch
 from .blocks import Head, Stem, make_block, space_timm_net
-from .mixed import GATE_MODES, PHASES, MixedOp
 from .elastic import ElasticCandidate, ElasticWeights
+from .mixed import GATE_MODES, PHASES, MixedOp
 from .slimmable import BN_MODES, SlimCandidate, SlimHead
 from .space import ZERO, Layer, SearchSpace, parse_op, width_choice
 

@@ -46,7 +46,7 @@ class AppRun:
 
 
 def run_app(module: str, *overrides: str, timeout: float = 600) -> AppRun:
-    """``python -m <module> <overrides...>`` (``nas.search`` / ``nas.retrain``) from the repository,
+    """``python -m <module> <overrides...>`` (``nas.apps.search`` / ``nas.apps.retrain``) from the repository,
     with the current process's environment (so the isolation fixtures apply). Torch's default thread
     count is 1 there (as ``hardware.threads`` in TINY_HARDWARE; retraining has no such option)."""
     args = [sys.executable, "-m", module, *overrides]
@@ -98,10 +98,10 @@ def smoke_search(tmp_path_factory, shared_cache_dir) -> SmokeSearch:
     root = tmp_path_factory.mktemp("smoke")
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, shared_cache_dir, root / "outputs")
-        lut = run_app("nas.lut_app", *TINY_LUT, f"hydra.run.dir={root / 'lut'}")
+        lut = run_app("nas.apps.lut", *TINY_LUT, f"hydra.run.dir={root / 'lut'}")
         assert lut.returncode == 0, lut.describe()
         run_dir = root / "search"
-        run = run_app("nas.search", *TINY_SEARCH, f"hydra.run.dir={run_dir}")
+        run = run_app("nas.apps.search", *TINY_SEARCH, f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
     export = run_dir / "export"
     assert export.is_dir(), run.describe()

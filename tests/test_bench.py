@@ -14,9 +14,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from nas.cost import LatencyTable
-from nas.data_synth import SHAPES, TexShapesDataModule, generate_texshapes
+from nas.data.synth import SHAPES, TexShapesDataModule, generate_texshapes
 from nas.errors import UserError
+from nas.latency.table import LatencyTable
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 
@@ -49,7 +49,7 @@ def test_texshapes_is_deterministic_balanced_and_seeded():
 
 def test_texshapes_datamodule_splits_and_config(monkeypatch):
     cfg = _bench_cfg(["space=mbv2_tiny"])
-    assert cfg.data._target_ == "nas.data_synth.TexShapesDataModule" and cfg.data.resolution == 32
+    assert cfg.data._target_ == "nas.data.synth.TexShapesDataModule" and cfg.data.resolution == 32
     from hydra.utils import instantiate
 
     with open_dict(cfg):
@@ -66,7 +66,7 @@ def test_texshapes_datamodule_splits_and_config(monkeypatch):
 # ---------------------------------------------------------------------- memory
 def test_forced_path_runs_exactly_the_standalone_net(space):
     """The memory suite's fairness claim: the one-gate weight step computes the sampled path's net."""
-    from nas.bench_memory import force_path
+    from nas.bench.memory import force_path
 
     path = space.sample(5, random.Random(2))
     net = Supernet(space, 5, gate="one").eval()
@@ -96,7 +96,7 @@ def test_memory_suite_smoke(space):
 
 # ---------------------------------------------------------------------- lut
 def test_lut_suite_through_the_app(tmp_path, space):
-    from nas.bench import run_bench
+    from nas.apps.bench import run_bench
 
     cfg = _bench_cfg(["suite=lut", f"out={tmp_path}", "lut.devices=[cpu,cuda]", "lut.samples=2", "lut.retest=false",
                       "lut.measure.rel_ci=null", "lut.measure.calib_nets=3", f"lut.cache_dir={tmp_path / 'cache'}",
@@ -113,7 +113,7 @@ def test_lut_suite_through_the_app(tmp_path, space):
 
 
 def test_unknown_suite_is_refused():
-    from nas.bench import _suites
+    from nas.apps.bench import _suites
 
     assert _suites("all") == ["memory", "lut", "search"]
     assert _suites("memory,lut") == ["memory", "lut"]
@@ -124,7 +124,7 @@ def test_unknown_suite_is_refused():
 # ---------------------------------------------------------------------- search
 def test_search_suite_smoke(tmp_path, space):
     from nas import bench_search as bs
-    from nas.devices import build_device
+    from nas.latency.devices import build_device
 
     rng = random.Random(0)
     costs = {l.name: [0.0 if op == "zero" else rng.uniform(0.1, 1.0) for op in l.choices] for l in space.layers}
@@ -158,7 +158,7 @@ def test_search_suite_smoke(tmp_path, space):
 
 
 def test_uniform_baseline_is_the_priciest_uniform_net_within_budget(space):
-    from nas.bench_search import uniform_arch
+    from nas.bench.search import uniform_arch
 
     costs = {l.name: [{"k3_e3": 1.0, "k5_e3": 2.0, "k3_e6": 3.0, "zero": 0.0}[op] for op in l.choices]
              for l in space.layers}
@@ -174,7 +174,7 @@ def test_uniform_baseline_is_the_priciest_uniform_net_within_budget(space):
 def test_slimmable_bench_smoke(tmp_path):
     """One epoch, two seeds: the width table (slimmable vs alone, averaged over the seeds), the width
     search beside the uniform curve at the same cost, and the files; then the interpolation itself."""
-    from nas.bench_slimmable import interpolate, run
+    from nas.bench.slimmable import interpolate, run
 
     opts = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "1", "seeds": "0,1",
             "jobs": "1", "bn": "switchable", "n_random": "1", "distill": "true", "out": str(tmp_path),

@@ -99,7 +99,7 @@ def test_retrain_from_scratch_writes_report_and_model(smoke_search, tmp_path):
     from nas.export import load_subnet
 
     run_dir = tmp_path / "retrain"
-    run = run_app("nas.retrain", f"arch={smoke_search.export}", "epochs=1", "progress=none",
+    run = run_app("nas.apps.retrain", f"arch={smoke_search.export}", "epochs=1", "progress=none",
                   f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
     report = json.loads((run_dir / "retrain_report.json").read_text())
@@ -122,7 +122,7 @@ def test_retrain_inherited_with_teacher(smoke_search, tmp_path):
     from nas.export import load_subnet
 
     run_dir = tmp_path / "retrain"
-    run = run_app("nas.retrain", f"arch={smoke_search.export}", "init=inherited", f"teacher={smoke_search.export}",
+    run = run_app("nas.apps.retrain", f"arch={smoke_search.export}", "init=inherited", f"teacher={smoke_search.export}",
                   "optim.lr=0", "epochs=1", "progress=none", f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
     report = json.loads((run_dir / "retrain_report.json").read_text())
@@ -158,7 +158,7 @@ def assert_refused(run, run_dir: Path, *needles: str) -> None:
 @pytest.mark.parametrize("group", ["space", "strategy", "hardware", "data"])
 def test_search_unknown_option_lists_the_available_ones(group, tmp_path):
     run_dir = tmp_path / "run"
-    run = run_app("nas.search", f"{group}=nope", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.search", f"{group}=nope", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, f"Could not find '{group}/nope'", *options(group))
     assert not run_dir.exists()  # refused before the run folder was made
 
@@ -166,14 +166,14 @@ def test_search_unknown_option_lists_the_available_ones(group, tmp_path):
 def test_search_missing_data_folder_names_the_path(tmp_path):
     run_dir = tmp_path / "run"
     missing = tmp_path / "no-such-dataset"
-    run = run_app("nas.search", "data=imagefolder", f"data.root={missing}", "progress=none",
+    run = run_app("nas.apps.search", "data=imagefolder", f"data.root={missing}", "progress=none",
                   f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", str(missing))
 
 
 def test_search_data_folder_left_out_is_named(tmp_path):
     run_dir = tmp_path / "run"
-    run = run_app("nas.search", "data=imagefolder", "progress=none", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.search", "data=imagefolder", "progress=none", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error: data.root")
 
 
@@ -185,7 +185,7 @@ def test_search_data_folder_left_out_is_named(tmp_path):
 def test_search_width_space_combinations_refused(overrides, message, tmp_path):
     """Settings that cannot work with a width space stop with one message (FLOPs: no table to build)."""
     run_dir = tmp_path / "run"
-    run = run_app("nas.search", "space=mbv2_tiny_slim", "hardware=flops", *overrides, "progress=none",
+    run = run_app("nas.apps.search", "space=mbv2_tiny_slim", "hardware=flops", *overrides, "progress=none",
                   f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", message)
 
@@ -193,26 +193,26 @@ def test_search_width_space_combinations_refused(overrides, message, tmp_path):
 def test_search_unreachable_latency_target(smoke_search, shared_cache, tmp_path):
     """Needs the latency table: the one the smoke search built (shared cache) is reused."""
     run_dir = tmp_path / "run"
-    run = run_app("nas.search", *TINY_SEARCH, "strategy.latency_target=0.05", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.search", *TINY_SEARCH, "strategy.latency_target=0.05", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", "smallest reachable")
     assert "building latency table" not in run.stdout
 
 
 def test_retrain_arch_folder_missing(tmp_path):
     run_dir = tmp_path / "run"
-    run = run_app("nas.retrain", f"arch={tmp_path / 'nonexistent'}", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.retrain", f"arch={tmp_path / 'nonexistent'}", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", f"arch={tmp_path / 'nonexistent'} does not exist")
 
 
 def test_retrain_arch_left_out(tmp_path):
     run_dir = tmp_path / "run"
-    run = run_app("nas.retrain", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.retrain", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error: arch is required")
 
 
 def test_retrain_unknown_init_lists_the_allowed(smoke_search, tmp_path):
     run_dir = tmp_path / "run"
-    run = run_app("nas.retrain", f"arch={smoke_search.export}", "init=bogus", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.retrain", f"arch={smoke_search.export}", "init=bogus", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", "bogus", "scratch", "inherited")
 
 
@@ -236,14 +236,14 @@ def edited_export(smoke_search, tmp_path):
 def test_retrain_unknown_op_names_decision_and_choices(edited_export, tmp_path):
     export = edited_export(lambda d: d["choices"].update({"s1.l0": "k9_e9"}))
     run_dir = tmp_path / "run"
-    run = run_app("nas.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", "'s1.l0'", "k9_e9", "k3_e3, k3_e6, k5_e3, k5_e6, k7_e3, k7_e6")
 
 
 def test_retrain_missing_decision_is_named(edited_export, tmp_path):
     export = edited_export(lambda d: d["choices"].pop("s2.l1"))
     run_dir = tmp_path / "run"
-    run = run_app("nas.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", "missing: s2.l1")
 
 
@@ -253,14 +253,14 @@ def test_retrain_hand_edited_arch_def_is_refused(edited_export, tmp_path):
 
     export = edited_export(change)
     run_dir = tmp_path / "run"
-    run = run_app("nas.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", "arch_def does not match", "stage 1")
 
 
 def test_retrain_unknown_space_lists_the_spaces(edited_export, tmp_path):
     export = edited_export(lambda d: d.update(space="nope"))
     run_dir = tmp_path / "run"
-    run = run_app("nas.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", "'nope'", *options("space"))
 
 
@@ -325,7 +325,7 @@ def test_search_config_option_composes(group, option, compose_cfg):
         assert d[group]["name"] == option  # reports and file names use it
 
     if group == "space":
-        from nas.cli import make_space
+        from nas.apps.common import make_space
 
         space = make_space(cfg.space)
         assert space.name == option and space.size() > 1
@@ -335,7 +335,7 @@ def test_search_config_option_composes(group, option, compose_cfg):
         factory = instantiate(cfg.strategy.module)  # a partial: every key must be a parameter
         inspect.signature(factory.func).bind(supernet=None, cost_model=None, target=None, **factory.keywords)
     elif group == "hardware":
-        from nas.cli import make_device
+        from nas.apps.common import make_device
 
         assert make_device(cfg.hardware).name == option
     elif group == "data":

@@ -11,10 +11,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from nas.cost import LatencyTable
 from nas.errors import UserError
-from nas.knapsack import group_knapsack
+from nas.latency.table import LatencyTable
 from nas.strategies.ddpnas import DDPNASSearch, PruningState, softmax, theta_update
+from nas.strategies.knapsack import group_knapsack
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 

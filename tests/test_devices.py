@@ -1,4 +1,4 @@
-"""Tests for nas.devices: fingerprints, runners, the alternating measurement, configs and errors.
+"""Tests for nas.latency.devices: fingerprints, runners, the alternating measurement, configs and errors.
 
 No test asserts on absolute timings: the machine is shared and noisy. Only relations that hold by a
 wide margin (8 convolutions vs 1) are checked.
@@ -16,7 +16,8 @@ import torch
 import yaml
 from torch import nn
 
-from nas.devices import (
+from nas.errors import UserError
+from nas.latency.devices import (
     DEVICE_NAMES,
     REFERENCE_KEY,
     CpuDevice,
@@ -25,7 +26,6 @@ from nas.devices import (
     build_device,
     reference_module,
 )
-from nas.errors import UserError
 
 HARDWARE_CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
 CUDA = torch.cuda.is_available()

@@ -1,4 +1,4 @@
-"""Tests for latency tables (nas.cost), their validation (nas.lut_validate), the device kit (nas.kit)
+"""Tests for latency tables (nas.cost), their validation (nas.latency.validate), the device kit (nas.latency.kit)
 and the nas-lut app. Fast (tiny spaces, few repeats); nothing asserts an absolute time."""
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -17,14 +16,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from nas.cli import CONF_DIR, make_cost_model, make_device
-from nas.cost import (AnalyticDevice, FlopsModel, LatencyTable, LatencyTableWarning, ParamsModel, TABLE_VERSION,
-                      build_flops_model, build_latency_table, build_params_model, entry_fields, entry_key,
-                      fit_overhead, measure_archs, table_items)
-from nas.devices import build_device, median_ci
+from nas.apps.common import CONF_DIR, make_cost_model, make_device
 from nas.errors import UserError
-from nas.kit import export_kit, import_results
-from nas.lut_validate import spearman, validate_table, validation_stats
+from nas.latency.analytic import AnalyticDevice, build_flops_model, build_params_model
+from nas.latency.build import build_latency_table
+from nas.latency.cost import FlopsModel, ParamsModel
+from nas.latency.devices import build_device, median_ci
+from nas.latency.items import entry_fields, entry_key, table_items
+from nas.latency.kit import export_kit, import_results
+from nas.latency.measure import measure_archs
+from nas.latency.overhead import fit_overhead
+from nas.latency.table import TABLE_VERSION, LatencyTable, LatencyTableWarning
+from nas.latency.validate import spearman, validate_table, validation_stats
 from supernets.space import BlockSpec, SearchSpace
 
 TINY = {
@@ -268,7 +271,7 @@ def test_build_and_validate_a_tiny_table(tmp_path):
 
 
 def test_nas_lut_app_build_then_validate(tmp_path, monkeypatch):
-    from nas.lut_app import run_lut
+    from nas.apps.lut import run_lut
 
     monkeypatch.chdir(tmp_path)
     table_file = tmp_path / "lut.json"
@@ -343,7 +346,7 @@ def test_whole_nets_are_measured_in_small_groups_in_order():
     rotation of 100 ONNX Runtime nets each ran ~20 % slow), results come back in the input order."""
     import random as _random
 
-    from nas.cost import measure_archs
+    from nas.latency.measure import measure_archs
     from supernets.space import SearchSpace
 
     space = SearchSpace.from_dict(TINY)

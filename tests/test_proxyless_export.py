@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from nas.cost import CostModel, LatencyTable
 from nas.errors import UserError
 from nas.export import load_subnet, write_export
+from nas.latency.table import LatencyTable
 from nas.strategies.proxyless import ProxylessSearch, latency_loss
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet

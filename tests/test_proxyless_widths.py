@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from nas.cost import build_flops_model
+from nas.latency.analytic import build_flops_model
 from nas.strategies.proxyless import ProxylessSearch
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet

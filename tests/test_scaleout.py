@@ -13,8 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-import nas.cli  # registers the hwnas_gpus resolver
-from nas.cli import CONF_DIR
+from nas.apps.common import CONF_DIR
 
 
 def _launcher_params(overrides):
@@ -69,11 +68,11 @@ def test_sigterm_then_same_command_resumes_and_ends_with_the_same_arch(tmp_path,
 
     args = ("strategy.epochs=6", "strategy.module.warmup_epochs=1", *TINY_HARDWARE, "progress=none",
             "export.calib_batches=2", "export.onnx=false", "export.measure=false", "seed=3")
-    full = run_app("nas.search", *args, f"hydra.run.dir={tmp_path / 'full'}")
+    full = run_app("nas.apps.search", *args, f"hydra.run.dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.describe()
 
     cut_dir = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "nas.search", *args, f"hydra.run.dir={cut_dir}"]
+    cmd = [sys.executable, "-m", "nas.apps.search", *args, f"hydra.run.dir={cut_dir}"]
     env = {"OMP_NUM_THREADS": "1", **os.environ}
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -87,7 +86,7 @@ def test_sigterm_then_same_command_resumes_and_ends_with_the_same_arch(tmp_path,
     assert last.exists(), out
     assert not (cut_dir / "export").exists(), "the run finished before it was interrupted: " + out
 
-    again = run_app("nas.search", *args, f"hydra.run.dir={cut_dir}")
+    again = run_app("nas.apps.search", *args, f"hydra.run.dir={cut_dir}")
     assert again.returncode == 0, again.describe()
     assert "resuming from" in again.stdout
     import json
@@ -124,7 +123,7 @@ def test_ddp_on_two_cpu_processes_ranks_agree(tmp_path, smoke_search, shared_cac
 
     run_dir = tmp_path / "ddp"
     base = [a for a in TINY_SEARCH if "hardware=flops" not in DDP_RUNS[strategy] or not a.startswith("hardware.")]
-    run = run_app("nas.search", *base, "trainer=ddp", "trainer.devices=2", *DDP_RUNS[strategy],
+    run = run_app("nas.apps.search", *base, "trainer=ddp", "trainer.devices=2", *DDP_RUNS[strategy],
                   "export.onnx=false", f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
     reports = [json.loads(p.read_text()) for p in run_dir.rglob("report.json")]
@@ -148,7 +147,7 @@ def test_local_submitit_multirun_gives_each_job_its_own_export(tmp_path, smoke_s
     from .conftest import TINY_SEARCH, run_app
 
     sweep = tmp_path / "sweep"
-    run = run_app("nas.search", "-m", "hydra/launcher=local", *TINY_SEARCH, "export.onnx=false",
+    run = run_app("nas.apps.search", "-m", "hydra/launcher=local", *TINY_SEARCH, "export.onnx=false",
                   "seed=0,1", f"hydra.sweep.dir={sweep}")
     assert run.returncode == 0, run.describe()
     for job in ("0", "1"):
@@ -165,7 +164,7 @@ def test_last_checkpoint_is_written_after_every_epoch(tmp_path):
     import torch
     from omegaconf import OmegaConf
 
-    from nas.search import checkpoint_callback
+    from nas.apps.search import checkpoint_callback
 
     class Tiny(pl.LightningModule):
         def __init__(self):

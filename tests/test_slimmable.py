@@ -165,7 +165,10 @@ def test_switchable_bn_has_one_bn_per_width_shared_has_one():
 
 # ---------------------------------------------------------------------- 6. cost per width
 def test_cost_models_key_blocks_by_channels():
-    from nas.cost import LatencyTable, _fixed_keys, arch_net, build_flops_model, count_flops, table_items
+    from nas.latency.analytic import build_flops_model, count_flops
+    from nas.latency.items import arch_net, table_items
+    from nas.latency.items import fixed_keys as _fixed_keys
+    from nas.latency.table import LatencyTable
 
     space = SearchSpace.from_yaml(SLIM)
     items = table_items(space, 10)
@@ -174,7 +177,7 @@ def test_cost_models_key_blocks_by_channels():
     s2l0 = {(f["in_c"], f["out_c"]) for f in blocks if f["in_h"] == 8 and f["stride"] == 2}
     assert s2l0 == {(i, o) for i in (8, 16) for o in (8, 16, 24)}
     assert sum(v["role"] == "head_width" for v in items.values()) == 3
-    from nas.cost import fixed_keys
+    from nas.latency.items import fixed_keys
 
     fixed = fixed_keys(items)  # what tables (and device kits) sum as the fixed part: the widest head only
     assert set(fixed) == {"stem", "first", "head"} and items[fixed["head"]]["fields"]["in_c"] == 64
@@ -199,7 +202,7 @@ def test_cost_models_key_blocks_by_channels():
 
 
 def test_tables_of_spaces_without_widths_are_unchanged():
-    from nas.cost import table_items
+    from nas.latency.items import table_items
 
     space = SearchSpace.from_yaml(TINY)
     items = table_items(space, 10)
@@ -210,7 +213,7 @@ def test_tables_of_spaces_without_widths_are_unchanged():
 
 # ---------------------------------------------------------------------- 3. the strategy
 def _strategy(bn: str = "switchable", **kw):
-    from nas.cost import build_flops_model
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import SlimmableSearch
 
     space = SearchSpace.from_yaml(SLIM)
@@ -462,7 +465,7 @@ def test_bn_calibration_is_the_exact_cumulative_statistics():
 
 # ---------------------------------------------------------------------- 5. greedy width search
 def test_greedy_search_one_arch_per_target_under_target_and_monotone():
-    from nas.cost import build_flops_model
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import greedy_slim
 
     space = SearchSpace.from_yaml(SLIM)
@@ -498,7 +501,7 @@ def test_width_search_never_returns_less_than_a_uniform_width_within_the_target(
     """uniform=...: after the greedy pass every uniform width is evaluated; a target whose greedy net
     scored lower than a uniform width within the target takes the uniform one (the greedy pick is
     kept beside it), and a target whose greedy net is better keeps it."""
-    from nas.cost import build_flops_model
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import greedy_slim
 
     space = SearchSpace.from_yaml(SLIM)
@@ -530,7 +533,7 @@ def test_fill_also_widens_greedy_picks_without_the_uniform_check():
     """``uniform_check=false, fill=true``: the greedy net of each target is widened within the target
     while the score holds (score: a weighted total width, so every widening that fits is taken; with
     stage 1 weighted 8x the greedy path crosses t0.50 with budget to spare)."""
-    from nas.cost import build_flops_model
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import greedy_slim
 
     space = SearchSpace.from_yaml(SLIM)
@@ -558,7 +561,7 @@ def test_fill_also_widens_greedy_picks_without_the_uniform_check():
 def test_width_search_fills_the_budget_where_accuracy_holds():
     """After the uniform check each target's net widens one stage at a time within the target while the
     score does not drop: where the score grows with width, no single widening of the result fits."""
-    from nas.cost import build_flops_model
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import greedy_slim
 
     space = SearchSpace.from_yaml(SLIM)
@@ -593,7 +596,7 @@ def test_min_fraction_keeps_each_export_within_its_band():
     band, a tight target exports it far below the target. With ``min_fraction=0.85`` the uniform check
     only takes uniform widths in [0.85 T, T], and the fill widens a net below the band even where the
     score drops, until it is in the band or nothing more fits."""
-    from nas.cost import build_flops_model
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import greedy_slim
 
     space = SearchSpace.from_yaml(SLIM)
@@ -646,8 +649,8 @@ def test_min_fraction_must_be_a_fraction():
 
 
 def test_unreachable_target_and_spaces_without_widths_are_user_errors():
-    from nas.cost import build_flops_model
     from nas.errors import UserError
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import SlimmableSearch
 
     with pytest.raises(UserError, match=r"below the smallest reachable.*fraction >= 0\.311"):
@@ -696,12 +699,12 @@ def test_nas_search_slimmable_one_export_per_target(tmp_path):
     import csv
     import json
 
-    from .conftest import run_app
-
     from nas.export import load_subnet
 
+    from .conftest import run_app
+
     run_dir = tmp_path / "run"
-    run = run_app("nas.search", "strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops", "strategy.epochs=1",
+    run = run_app("nas.apps.search", "strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops", "strategy.epochs=1",
                   "strategy.targets=[0.4,0.6,0.8]", "strategy.module.bn=shared", "progress=none",
                   "export.calib_batches=2", "hardware.threads=1", f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
@@ -722,7 +725,7 @@ def test_nas_search_slimmable_one_export_per_target(tmp_path):
     assert costs["t0.40"] <= costs["t0.60"] <= costs["t0.80"]
     assert "export t0.40" in run.stdout
     # an export of a width choice retrains like any other export
-    retrain = run_app("nas.retrain", f"arch={run_dir / 'export' / 't0.40'}", "epochs=1", "progress=none",
+    retrain = run_app("nas.apps.retrain", f"arch={run_dir / 'export' / 't0.40'}", "epochs=1", "progress=none",
                       f"hydra.run.dir={tmp_path / 'retrain'}")
     assert retrain.returncode == 0, retrain.describe()
     assert json.loads((tmp_path / "retrain" / "retrain_report.json").read_text())
@@ -731,7 +734,7 @@ def test_nas_search_slimmable_one_export_per_target(tmp_path):
 def test_nas_search_slimmable_unreachable_target_stops_before_training(tmp_path):
     from .conftest import run_app
 
-    run = run_app("nas.search", "strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops",
+    run = run_app("nas.apps.search", "strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops",
                   "strategy.targets=[0.5,0.2]", "progress=none", f"hydra.run.dir={tmp_path / 'run'}")
     assert run.returncode == 2, run.describe()
     assert run.stderr.count("error:") == 1 and "target 0.2" in run.stderr and "Traceback" not in run.stderr
@@ -745,9 +748,9 @@ def test_calibration_does_not_collapse_nonuniform_widths():
     running statistics training left behind (a blur over all widths)."""
     import pytorch_lightning as pl
 
-    from nas.cost import build_flops_model
     from nas.data import DigitsDataModule
     from nas.export import evaluate
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import SlimmableSearch
 
     threads = torch.get_num_threads()
@@ -775,7 +778,7 @@ def test_calibration_does_not_collapse_nonuniform_widths():
 
 # ---------------------------------------------------------------------- 7. widths together with ops
 def test_ops_searched_with_widths_sandwich_and_greedy_moves():
-    from nas.cost import build_flops_model
+    from nas.latency.analytic import build_flops_model
     from nas.strategies.slimmable import SlimmableSearch, greedy_slim
 
     space = slim_space(ops=["k3_e3", "k3_e6", "k5_e6"], zero=True)
@@ -821,9 +824,9 @@ def test_slimmable_resumes_from_last_checkpoint(tmp_path):
     from .conftest import run_app
 
     run_dir = tmp_path / "run"
-    first = run_app("nas.search", *SLIM_SEARCH, "strategy.epochs=1", f"hydra.run.dir={run_dir}")
+    first = run_app("nas.apps.search", *SLIM_SEARCH, "strategy.epochs=1", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.describe()
-    second = run_app("nas.search", *SLIM_SEARCH, "strategy.epochs=2", f"hydra.run.dir={run_dir}")
+    second = run_app("nas.apps.search", *SLIM_SEARCH, "strategy.epochs=2", f"hydra.run.dir={run_dir}")
     assert second.returncode == 0, second.describe()
     assert "resuming from" in second.stdout
     report = json.loads((run_dir / "export" / "t0.50" / "report.json").read_text())
@@ -837,7 +840,7 @@ def test_slimmable_ddp_on_two_cpu_processes_ranks_agree(tmp_path):
     from .conftest import run_app
 
     run_dir = tmp_path / "ddp"
-    run = run_app("nas.search", *SLIM_SEARCH, "strategy.epochs=1", "trainer=ddp", "trainer.devices=2",
+    run = run_app("nas.apps.search", *SLIM_SEARCH, "strategy.epochs=1", "trainer=ddp", "trainer.devices=2",
                   f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
     reports = [json.loads(p.read_text()) for p in run_dir.rglob("report.json")]

@@ -45,7 +45,7 @@ def test_offline_wandb_run_has_metrics_probs_and_architecture_artifact(tmp_path,
     for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.setenv(var, str(run_dir / "wandb-files"))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run = run_app("nas.search", *TINY_SEARCH, "logger=wandb", "run_name=wb_test", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.search", *TINY_SEARCH, "logger=wandb", "run_name=wb_test", f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
     files = list(run_dir.rglob("run-*.wandb"))
     assert len(files) == 1, list(run_dir.rglob("*"))

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import CombinedLoader
 
+from nas.latency.cost import CostModel
 from supernets.arch import Arch
 from supernets.supernet import Supernet
-
-from ..cost import CostModel
 
 
 class SearchStrategy(pl.LightningModule):

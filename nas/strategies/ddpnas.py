@@ -27,7 +27,7 @@ by ``(target / predicted_latency(path)) ** w`` (the MnasNet / ProxylessNAS soft 
 uses w = 0.07). ``budgets`` export one architecture per cost budget (fraction of the largest
 subnet's cost or an absolute value such as ``"2.5ms"``; default: the latency target): per layer one
 candidate maximising ``sum log score`` under ``fixed + sum layer_cost <= budget``, an exact group
-knapsack (:func:`nas.knapsack.group_knapsack`), among the architectures costing at least
+knapsack (:func:`nas.strategies.knapsack.group_knapsack`), among the architectures costing at least
 ``budget_floor`` (0.95 in conf/strategy/ddpnas.yaml) of the budget when any does, so that an export uses its budget.
 
 The knapsack chooses among **all** candidates, not only the survivors: a finished search has one
@@ -53,11 +53,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from nas.errors import UserError
+from nas.strategies.base import SearchStrategy
+from nas.strategies.knapsack import group_knapsack
 from supernets.arch import Arch
-
-from ..errors import UserError
-from ..knapsack import group_knapsack
-from .base import SearchStrategy
 
 UPDATE_RULES = ("additive", "ema")
 BUDGET_VALUES = ("log", "theta")
@@ -409,7 +408,7 @@ class DDPNASSearch(SearchStrategy):
         return out
 
     def extra_plots(self) -> dict[str, Callable[[Path], None]]:
-        from ..plots_ddpnas import plot_pruning_order
+        from nas.report.ddpnas_plots import plot_pruning_order
 
         choices = dict(zip(self.layer_names, self.choices))
         return {"pruning_order.png": lambda p: plot_pruning_order(self.history, choices, p)}

@@ -11,7 +11,7 @@ The loss steers the *expected* latency, and the argmax of spread-out probabiliti
 it (on texshapes a 0.6 target gave argmax nets at 0.45 of the largest, the zero ops winning the
 argmax in every skippable layer). ``derive="budget"`` (default when there is a latency target) takes
 the most probable architecture, sum_l log p_l, among those whose predicted latency lies in
-``[budget_floor * T, T]`` (an exact group knapsack, :func:`nas.knapsack.group_knapsack`), falling
+``[budget_floor * T, T]`` (an exact group knapsack, :func:`nas.strategies.knapsack.group_knapsack`), falling
 back to the argmax when none does.
 
 Widths (spaces with ``s{i}.width`` decisions) are searched with the ops: every sampled path also
@@ -21,7 +21,7 @@ gradient of the ops has no counterpart for it; its logits learn from REINFORCE (
 paper's alternative for non-differentiable choices): the architecture loss adds
 ``(L - b) * log p(sampled widths)`` with ``L`` the (detached) architecture loss and ``b`` its moving
 average (``width_baseline_decay``), and the expected latency is exact over widths
-(:meth:`nas.cost.CostModel.expected`, from the table's entries per width), so the latency term
+(:meth:`nas.latency.cost.CostModel.expected`, from the table's entries per width), so the latency term
 reaches the width logits directly. ``derive="budget"`` then maximises sum log p over ops *and*
 widths: one knapsack over the ops per combination of stage widths (the ``max_width_combos`` most
 probable combinations).
@@ -35,13 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nas.errors import UserError
+from nas.strategies.base import SearchStrategy
+from nas.strategies.knapsack import group_knapsack
 from supernets.arch import Arch
 from supernets.mixed import GATE_MODES
 from supernets.space import width_choice
-
-from ..errors import UserError
-from ..knapsack import group_knapsack
-from .base import SearchStrategy
 
 LOSS_FORMS = ("mul_log", "add", "abs", "none")
 DERIVE_RULES = ("budget", "argmax")

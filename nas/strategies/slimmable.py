@@ -44,12 +44,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from nas.errors import UserError
+from nas.strategies.base import SearchStrategy
 from supernets.arch import Arch
 from supernets.slimmable import BN_MODES, reorder_channels
 from supernets.space import SearchSpace, parse_op, width_choice, width_decision
-
-from ..errors import UserError
-from .base import SearchStrategy
 
 OPS_MODES = ("largest", "smallest", "search")
 REORDER = ("l1", "bn")
@@ -533,7 +532,7 @@ class SlimmableSearch(SearchStrategy):
         calibration on the same training batches."""
         if self._derived is not None:
             return self._derived
-        from ..export import evaluate
+        from nas.export import evaluate
 
         if self._datamodule is None:
             raise RuntimeError("the width search needs the data: call train_loaders(datamodule) (trainer.fit does)")
@@ -607,7 +606,7 @@ class SlimmableSearch(SearchStrategy):
                                         "found": found, "rows": rows}, indent=1))
 
         def plot(path):
-            from ..plots_slimmable import plot_width_search
+            from nas.report.slimmable_plots import plot_width_search
 
             plot_width_search(rows, found, path, unit)
 

@@ -60,7 +60,6 @@ import platform
 import random
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,7 +68,7 @@ import torch
 from torch import nn
 
 from nas.errors import UserError
-from nas.onnx_utils import export_onnx
+from nas.io import export_onnx
 
 __all__ = [
     "DEVICE_NAMES",

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import UserError
+from nas.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -99,7 +99,11 @@ def user_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 def _is_command_line_error(exc: BaseException | None) -> bool:
     """Hydra's own report of a mistake on the command line (``space=nope``, an unknown key, a
     malformed override): raised while composing the config, before any job ran."""
-    from hydra.errors import ConfigCompositionException, OverrideParseException, SearchPathException
+    from hydra.errors import (
+        ConfigCompositionException,
+        OverrideParseException,
+        SearchPathException,
+    )
 
     return isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException))
 
@@ -152,8 +156,8 @@ def make_space(cfg_space):
 
 def make_device(cfg_hw):
     """A timed device (``cpu``, ``onnxruntime``, ``cuda``) or an analytic one (``flops``, ``params``)."""
-    from .cost import ANALYTIC_NAMES, AnalyticDevice
-    from .devices import DEVICE_NAMES, build_device
+    from nas.latency.analytic import ANALYTIC_NAMES, AnalyticDevice
+    from nas.latency.devices import DEVICE_NAMES, build_device
 
     hw = OmegaConf.to_container(cfg_hw, resolve=True)
     name = hw.get("name")
@@ -168,7 +172,9 @@ def make_device(cfg_hw):
 def make_cost_model(cfg, space, device, num_classes: int, log=print):
     """The device's latency table (cached, built when missing; or ``lut.path``), or for
     ``hardware=flops|params`` the analytic model."""
-    from .cost import AnalyticDevice, LatencyTable, load_or_build_table
+    from nas.latency.analytic import AnalyticDevice
+    from nas.latency.build import load_or_build_table
+    from nas.latency.table import LatencyTable
 
     if isinstance(device, AnalyticDevice):
         if cfg.lut.get("path"):

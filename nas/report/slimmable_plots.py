@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .plots import save_axes
+from nas.report.plots import save_axes
 
 
 def plot_width_search(rows: Sequence[Mapping[str, Any]], found: Mapping[str, Mapping[str, Any]], path: Path,
@@ -32,7 +32,7 @@ def plot_width_search(rows: Sequence[Mapping[str, Any]], found: Mapping[str, Map
 
 
 def plot_width_bench(summary: Mapping[str, Any], path: Path, xlabel: str, timed: bool) -> None:
-    """``python -m nas.bench_slimmable``: test accuracy against cost (or measured latency) of the uniform
+    """``python -m nas.bench.slimmable``: test accuracy against cost (or measured latency) of the uniform
     widths (one slimmable run and each trained alone, mean +- std over seeds) and of the width search."""
     key = "measured_ms" if timed else "cost"
     ws = sorted(summary["widths"], key=lambda w: w[key])

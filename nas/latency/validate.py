@@ -20,8 +20,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .cost import (NET_GROUP, AnalyticDevice, LatencyTable, atomic_write_text, clean_fraction, measure_archs,
-                   validation_archs)
+from nas.io import atomic_write_text
+from nas.latency.analytic import AnalyticDevice
+from nas.latency.items import validation_archs
+from nas.latency.measure import NET_GROUP, clean_fraction, measure_archs
+from nas.latency.table import LatencyTable
 
 VALIDATION_FILE = "lut_validation.json"
 PLOT_FILE = "lut_validation.png"

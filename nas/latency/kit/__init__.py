@@ -13,7 +13,7 @@ calibration subnets (measured in a pass of their own right after the entries: th
 model) and the validation subnets (largest, smallest, random; measured in a separate pass, and again
 for the test-retest spread). The reference block of the alternation ships as ONNX too.
 
-``import_results`` turns the runner's ``results.json`` into a :class:`~nas.cost.LatencyTable` (the
+``import_results`` turns the runner's ``results.json`` into a :class:`~nas.latency.table.LatencyTable` (the
 same file format as ``nas-lut`` builds, usable with ``nas-search lut.path=...``) and its validation
 report.
 """
@@ -28,12 +28,27 @@ from typing import Any, Mapping
 
 import torch
 
+from nas.errors import UserError
+from nas.io import atomic_write_text
+from nas.latency.build import table_from_measurements
+from nas.latency.items import (
+    arch_net,
+    calibration_archs,
+    describe_reference,
+    fixed_keys,
+    table_items,
+    validation_archs,
+)
+from nas.latency.measure import (
+    DEFAULT_CALIB_NETS,
+    DEFAULT_MAX_REPEATS,
+    DEFAULT_MAX_SECONDS,
+    DEFAULT_REL_CI,
+    DEFAULT_WARM_CALLS,
+    clean_fraction,
+)
+from nas.latency.table import LatencyTable
 from supernets.space import SearchSpace, SpaceError
-
-from ..cost import (DEFAULT_CALIB_NETS, DEFAULT_MAX_REPEATS, DEFAULT_MAX_SECONDS, DEFAULT_REL_CI, DEFAULT_WARM_CALLS,
-                    LatencyTable, arch_net, atomic_write_text, calibration_archs, clean_fraction, describe_reference,
-                    fixed_keys, table_from_measurements, table_items, validation_archs)
-from ..errors import UserError
 
 KIT_FORMAT = "hwnas-device-kit"
 KIT_VERSION = 1
@@ -56,13 +71,13 @@ Batch size {batch} (fixed in the ONNX files), float32. Method: docs/latency.md i
 
 
 def _fingerprint_id(info: Mapping[str, Any]) -> str:
-    """Same as :meth:`nas.devices.Device.fingerprint_id`: sha1 of the sorted-key JSON, 12 digits."""
+    """Same as :meth:`nas.latency.devices.Device.fingerprint_id`: sha1 of the sorted-key JSON, 12 digits."""
     blob = json.dumps(dict(info), sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
 
 
 def _export(module: torch.nn.Module, input_shape, batch_size: int, path: Path) -> None:
-    from ..onnx_utils import export_onnx
+    from nas.io import export_onnx
 
     module = module.eval()
     x = torch.randn((batch_size, *input_shape), generator=torch.Generator().manual_seed(0))
@@ -77,7 +92,7 @@ def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_s
                samples: int = 100, calib_nets: int = DEFAULT_CALIB_NETS,
                seed: int = 0, retest: bool = True, progress: bool = True, log=print) -> Path:
     """Write a device kit for ``space`` into ``out`` (see the module docstring); returns the manifest."""
-    from ..devices import reference_module
+    from nas.latency.devices import reference_module
 
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
@@ -115,7 +130,13 @@ def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_s
     t0 = time.perf_counter()
     bar = None
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         bar = Progress(TextColumn("exporting ONNX"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        transient=True)
@@ -187,7 +208,7 @@ def _read_results(path: Path) -> dict[str, Any]:
 
 def import_results(results: str | Path) -> tuple[LatencyTable, dict[str, Any] | None]:
     """A latency table (and its validation report, when the kit measured one) from kit results."""
-    from ..lut_validate import validate_measured
+    from nas.latency.validate import validate_measured
 
     d = _read_results(Path(results))
     manifest = d["manifest"]

@@ -14,7 +14,7 @@ Configurations (each a complete optimizer step: zero_grad, forward, loss, backwa
   gate code runs), so the ``one``-gate weight step and ``standalone/sampled`` compute the same net.
 
 Peak memory, measured properly. Every (configuration, repeat) runs in a fresh subprocess
-(``python -m nas.bench_memory <spec>``) so nothing of another configuration stays resident:
+(``python -m nas.bench.memory <spec>``) so nothing of another configuration stays resident:
 
 1. The runtime is primed: one step each of a ``full``-gate supernet (weight and arch phase) and of
    the standalone net at batch 2 pages in torch's kernels, oneDNN's code and the thread pool; the
@@ -90,9 +90,8 @@ def _reset_peak() -> bool:
 def proxy_cost_model(space, num_classes: int):
     """An additive cost (expand x kernel area per candidate) for the architecture step's loss term:
     the latency term's arithmetic is the same for any table, so no device needs to be measured."""
+    from nas.latency.cost import CostModel
     from supernets.space import ZERO, parse_op
-
-    from .cost import CostModel
 
     costs = {layer.name: [0.0 if op == ZERO else 0.01 * parse_op(op)[1] * parse_op(op)[0] ** 2
                           for op in layer.choices] for layer in space.layers}
@@ -289,7 +288,7 @@ def _prime(space, num_classes: int, path) -> None:
 def _run_worker(spec: Mapping[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
     env = dict(os.environ, PYTHONHASHSEED="0")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "nas.bench_memory", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "nas.bench.memory", json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker for {spec['name']} failed:\n{proc.stderr[-3000:]}")

@@ -13,7 +13,7 @@ At each latency budget B (fractions of the largest subnet's predicted latency):
   latency target); strategies that export per-budget architectures from one search (DDPNAS,
   ``derive_budget``) search once. A strategy is included when its module and config exist.
 
-Every architecture is trained from scratch by :class:`nas.retrain.RetrainModule` with the same
+Every architecture is trained from scratch by :class:`nas.apps.retrain.RetrainModule` with the same
 epochs, optimiser and seeds; identical architectures are trained once. Latencies of all of them are
 then measured end to end on the device in one interleaved pass (table units). ``anchors`` adds the
 space's smallest and largest nets, whose accuracy gap shows how much architecture matters on the
@@ -56,10 +56,9 @@ def retrain(space, arch, datamodule, *, epochs: int, seed: int, lr: float = 0.05
     """Train ``arch`` from scratch (timm net, RetrainModule, SGD + cosine) and evaluate it."""
     import pytorch_lightning as pl
 
+    from nas.apps.retrain import RetrainModule
+    from nas.export import evaluate
     from supernets.blocks import space_timm_net
-
-    from .export import evaluate
-    from .retrain import RetrainModule
 
     t0 = time.perf_counter()
     pl.seed_everything(int(seed), workers=True, verbose=False)
@@ -157,9 +156,8 @@ def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], 
     """Search with strategy ``name``; returns ``{budget label: {"arch", "search_seconds", ...}}``."""
     import pytorch_lightning as pl
 
+    from nas.apps.common import instantiate
     from supernets.supernet import Supernet
-
-    from .cli import instantiate
 
     cfg = OmegaConf.load(Path(conf_dir) / "strategy" / f"{name}.yaml")
     ov = OmegaConf.create(dict(overrides))
@@ -209,7 +207,7 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
                      anchors: bool = True, weight_sharing: str = "elastic", seed: int = 0,
                      measure: Mapping[str, Any] | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    from .cost import measure_archs
+    from nas.latency.measure import measure_archs
 
     _quiet_lightning()
     t0 = time.perf_counter()

@@ -5,8 +5,8 @@
     nas-bench suite=search            # searched vs best-of-k random vs uniformly scaled, at equal latency
     nas-bench suite=all out=bench/    # everything: markdown on stdout, bench.json, bench.md, PNG plots
 
-Each suite lives in its own module (:mod:`nas.bench_memory`, :mod:`nas.bench_search`; the LUT suite
-calls :func:`nas.lut_validate.validate_table`). Results of a suite replace that suite's entry in
+Each suite lives in its own module (:mod:`nas.bench.memory`, :mod:`nas.bench.search`; the LUT suite
+calls :func:`nas.latency.validate.validate_table`). Results of a suite replace that suite's entry in
 ``<out>/bench.json``, so suites run one at a time into the same folder add up. Returns the search
 suite's mean advantage of the strategies over the best random architecture (test accuracy points),
 else the memory suite's one-gate weight-step time ratio, else the mean fraction of LUT validation
@@ -25,11 +25,11 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import CONF_DIR, instantiate, make_device, make_space, user_errors
-from .errors import UserError
+from nas.apps.common import CONF_DIR, instantiate, make_device, make_space, user_errors
+from nas.errors import UserError
 
-try:  # exit code 2 for command-line mistakes, as the other apps (when nas.cli provides it)
-    from .cli import hydra_entry
+try:  # exit code 2 for command-line mistakes, as the other apps (when nas.apps.common provides it)
+    from nas.apps.common import hydra_entry
 except ImportError:  # pragma: no cover
     def hydra_entry(app):
         return app
@@ -57,14 +57,14 @@ def _suites(value: Any) -> list[str]:
 def _machine() -> dict[str, Any]:
     import torch
 
-    from .devices import _processor_name
+    from nas.latency.devices import _processor_name
 
     return {"processor": _processor_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    from .cost import atomic_write_text
+    from nas.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
 
@@ -102,8 +102,10 @@ def run_lut(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     """Build (or load from the cache) each available device's table and validate it end to end."""
     import torch
 
-    from .cost import AnalyticDevice, LatencyTable, build_latency_table, table_path
-    from .lut_validate import plot_report, summary_line, validate_table
+    from nas.latency.analytic import AnalyticDevice
+    from nas.latency.build import build_latency_table, table_path
+    from nas.latency.table import LatencyTable
+    from nas.latency.validate import plot_report, summary_line, validate_table
 
     space = make_space(cfg.space)
     c = cfg.lut
@@ -172,8 +174,9 @@ def run_lut(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
 def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     import torch
 
+    from nas.apps.common import make_cost_model
+
     from . import bench_search as bs
-    from .cli import make_cost_model
 
     s = cfg.search
     space = make_space(cfg.space)
@@ -250,7 +253,7 @@ def run_bench(cfg: DictConfig) -> float:
         sections.append(md)
         print(md + "\n", flush=True)
     md_all = "\n\n".join(results[f"markdown_{n}"] for n in SUITES if f"markdown_{n}" in results)
-    from .cost import atomic_write_text
+    from nas.io import atomic_write_text
 
     atomic_write_text(out / MARKDOWN_FILE, f"<!-- {command} -->\n\n{md_all}\n")
     _log(f"nas-bench: {', '.join(suites)} in {(time.perf_counter() - t_all) / 60:.1f} min -> {path}, "

@@ -15,20 +15,31 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .errors import UserError
-from .tracking import wandb_run
-from .cli import (CONF_DIR, check_epochs, check_progress, hydra_entry, instantiate, make_cost_model, make_device,
-                  make_logger, make_space, progress_callbacks, trainer_kwargs, user_errors)
+from nas.apps.common import (
+    CONF_DIR,
+    check_epochs,
+    check_progress,
+    hydra_entry,
+    instantiate,
+    make_cost_model,
+    make_device,
+    make_logger,
+    make_space,
+    progress_callbacks,
+    trainer_kwargs,
+    user_errors,
+)
+from nas.errors import UserError
+from nas.report.tracking import wandb_run
 
 
 def export_arch(label: str, arch, *, module, space, datamodule, device, cost_model, out_dir: Path,
                 cfg, search_seconds: float, target) -> dict[str, Any]:
     """Extract ``arch`` from the trained supernet, recalibrate BN, evaluate, measure and export it."""
+    from nas.export import count_model_flops, count_params, evaluate, write_export
+    from nas.latency.measure import measure_archs
+    from nas.report.plots import plot_choice_probs, plot_cost_curve
     from supernets.bn import calibrate_bn
-
-    from .cost import measure_archs
-    from .export import count_model_flops, count_params, evaluate, write_export
-    from .plots import plot_choice_probs, plot_cost_curve
 
     sub = module.supernet.extract(arch).cpu()
     calibrate_bn(sub, datamodule.calib_dataloader(int(cfg.export.calib_batches)))
@@ -187,7 +198,11 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
 def _finish(cfg, trainer, module, logger, *, space, datamodule, device, cost_model, target, search_seconds,
             t_start, unit, kind) -> float:
     """Derive, export (rank 0 only), log to W&B, print the summary; returns the first export's val acc."""
-    from .tracking import log_choice_probs, log_export_artifact, log_lut_summary
+    from nas.report.tracking import (
+        log_choice_probs,
+        log_export_artifact,
+        log_lut_summary,
+    )
 
     reports = []
     if trainer.is_global_zero:

@@ -21,9 +21,18 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import (CONF_DIR, check_epochs, check_progress, hydra_entry, instantiate, make_logger, progress_callbacks,
-                  trainer_kwargs, user_errors)
-from .errors import UserError
+from nas.apps.common import (
+    CONF_DIR,
+    check_epochs,
+    check_progress,
+    hydra_entry,
+    instantiate,
+    make_logger,
+    progress_callbacks,
+    trainer_kwargs,
+    user_errors,
+)
+from nas.errors import UserError
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -36,7 +45,7 @@ _RETRAIN_MODULE = None
 
 def _retrain_module_class():
     """``RetrainModule`` (a LightningModule), defined on first use so that importing this module stays
-    light; ``nas.retrain.RetrainModule`` works as for a class defined at the top."""
+    light; ``nas.apps.retrain.RetrainModule`` works as for a class defined at the top."""
     global _RETRAIN_MODULE
     if _RETRAIN_MODULE is None:
         _RETRAIN_MODULE = _define_retrain_module()
@@ -115,7 +124,7 @@ def _define_retrain_module():
 def load_teacher(path: str | Path) -> nn.Module:
     """A teacher from an export or retrain folder (arch.yaml + model.safetensors), or a retrain
     ``model/`` folder; checkpoints are never unpickled."""
-    from .export import load_subnet
+    from nas.export import load_subnet
 
     p = Path(path).expanduser()
     if p.is_dir() and (p / "model" / "arch.yaml").exists():
@@ -238,7 +247,13 @@ def run_retrain(cfg: DictConfig) -> float:
     import pytorch_lightning as pl
     import torch
 
-    from .export import build_from_arch_file, count_model_flops, count_params, evaluate, load_subnet
+    from nas.export import (
+        build_from_arch_file,
+        count_model_flops,
+        count_params,
+        evaluate,
+        load_subnet,
+    )
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.init == "inherited":
@@ -302,8 +317,8 @@ def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_ch
     import torch
     from safetensors.torch import save_file
 
-    from .export import ONNX_FILE, WEIGHTS_FILE
-    from .onnx_utils import export_onnx
+    from nas.export import ONNX_FILE, WEIGHTS_FILE
+    from nas.io import export_onnx
 
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".model.tmp-"))
     try:

@@ -1,9 +1,9 @@
 """Slimmable training vs. each width trained alone, and the width search vs. uniform widths
 (issue 4's acceptance measurements).
 
-    python -m nas.bench_slimmable data=digits epochs=10 seeds=0,1,2
-    python -m nas.bench_slimmable data=texshapes_width epochs=10 seeds=0,1,2 jobs=2
-    python -m nas.bench_slimmable space=mbv2_small_slim hardware=onnxruntime hardware.threads=1 \\
+    python -m nas.bench.slimmable data=digits epochs=10 seeds=0,1,2
+    python -m nas.bench.slimmable data=texshapes_width epochs=10 seeds=0,1,2 jobs=2
+    python -m nas.bench.slimmable space=mbv2_small_slim hardware=onnxruntime hardware.threads=1 \\
         targets=0.5,0.7,0.9 seeds=0,1,2 jobs=2 out=/tmp/slim_ort
 
 Per seed: one slimmable supernet (sandwich rule, in-place distillation, ``bn`` switchable or shared)
@@ -76,7 +76,7 @@ def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 def _compose(opts: dict[str, str], extra: list[str], seed: int):
     from hydra import compose, initialize_config_dir
 
-    from .cli import CONF_DIR
+    from nas.apps.common import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("search", overrides=[f"data={opts['data']}", f"space={opts['space']}",
@@ -85,8 +85,8 @@ def _compose(opts: dict[str, str], extra: list[str], seed: int):
 
 def _setup(opts: dict[str, str], extra: list[str], seed: int, log=print):
     """(cfg, space, datamodule, device, cost model, flops model) of one seed."""
-    from .cli import instantiate, make_cost_model, make_device, make_space
-    from .cost import build_flops_model
+    from nas.apps.common import instantiate, make_cost_model, make_device, make_space
+    from nas.latency.analytic import build_flops_model
 
     cfg = _compose(opts, extra, seed)
     space = make_space(cfg.space)
@@ -120,9 +120,8 @@ def _from_scratch(space, arch, datamodule, test, epochs: int, seed: int) -> tupl
     """``arch`` as a plain timm net trained alone from scratch (seeded): (test accuracy, wall seconds)."""
     import pytorch_lightning as pl
 
+    from nas.export import evaluate
     from supernets.blocks import space_timm_net
-
-    from .export import evaluate
 
     pl.seed_everything(seed, verbose=False)
     net = space_timm_net(space, arch, datamodule.num_classes)
@@ -135,10 +134,9 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
     import pytorch_lightning as pl
     import torch
 
+    from nas.export import evaluate
+    from nas.strategies.slimmable import SlimmableSearch
     from supernets.supernet import Supernet
-
-    from .export import evaluate
-    from .strategies.slimmable import SlimmableSearch
 
     torch.set_num_threads(int(opts["threads"]))
     epochs = int(opts["epochs"])
@@ -379,7 +377,8 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             per_seed = list(pool.map(_run_seed_job, [(opts, extra, s) for s in seeds]))
     train_seconds = time.perf_counter() - t0
-    from .cost import AnalyticDevice, measure_archs
+    from nas.latency.analytic import AnalyticDevice
+    from nas.latency.measure import measure_archs
 
     timed = not isinstance(device, AnalyticDevice)
     latency = None
@@ -398,7 +397,7 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(per_seed, latency)
     unit = cost.unit or "units"
     md = markdown(summary, unit, seeds, timed)
-    cmd = "python -m nas.bench_slimmable " + " ".join(f"{k}={v}" for k, v in opts.items() if v != OPTS[k] or k in
+    cmd = "python -m nas.bench.slimmable " + " ".join(f"{k}={v}" for k, v in opts.items() if v != OPTS[k] or k in
                                                        ("data", "space", "epochs", "seeds")) + "".join(" " + e for e in extra)
     header = (f"`{cmd}`: space {space.name}, data {opts['data']}, {opts['epochs']} epochs, bn {opts['bn']}, "
               f"n_random {opts['n_random']}, distill {opts['distill']}, cost {cost.kind} ({unit}) on {device.name}; "
@@ -413,7 +412,7 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "slimmable_bench.json").write_text(json.dumps(result, indent=1))
         (out / "slimmable_bench.md").write_text(header + "\n\n" + md + "\n")
-        from .plots_slimmable import plot_width_bench
+        from nas.report.slimmable_plots import plot_width_bench
 
         plot_width_bench(summary, out / "slimmable_bench.png",
                          f"measured latency on {device.name} (ms)" if timed else f"{cost.kind} ({unit})", timed)

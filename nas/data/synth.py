@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .data import ImageDataModule, _require_int, split_train_arch
-from .errors import UserError
+from nas.data.base import ImageDataModule, _require_int, split_train_arch
+from nas.errors import UserError
 
 SHAPES = ("disk", "square", "triangle", "plus", "ring", "crescent", "star", "bar", "L", "T")
 

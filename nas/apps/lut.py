@@ -21,8 +21,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .cli import CONF_DIR, hydra_entry, make_device, make_space, user_errors
-from .errors import UserError
+from nas.apps.common import CONF_DIR, hydra_entry, make_device, make_space, user_errors
+from nas.errors import UserError
 
 MODES = ("build", "validate", "kit", "import")
 
@@ -41,7 +41,7 @@ def _run_dir() -> Path:
 
 
 def _table_file(cfg: DictConfig, space, device, num_classes: int) -> Path:
-    from .cost import table_path
+    from nas.latency.build import table_path
 
     if cfg.lut.get("path"):
         return Path(str(cfg.lut.path)).expanduser()
@@ -49,9 +49,8 @@ def _table_file(cfg: DictConfig, space, device, num_classes: int) -> Path:
 
 
 def _validate(cfg: DictConfig, table, device, out_dir: Path) -> dict[str, Any]:
-    from .lut_validate import validate_table
-
-    from .cost import AnalyticDevice
+    from nas.latency.analytic import AnalyticDevice
+    from nas.latency.validate import validate_table
 
     retest = bool(cfg.retest) and not isinstance(device, AnalyticDevice)  # a count does not vary
     report = validate_table(table, device, samples=int(cfg.samples), seed=int(cfg.seed), retest=retest,
@@ -61,7 +60,7 @@ def _validate(cfg: DictConfig, table, device, out_dir: Path) -> dict[str, Any]:
 
 
 def _finish_report(report: dict[str, Any], out_dir: Path) -> None:
-    from .lut_validate import print_report, write_report
+    from nas.latency.validate import print_report, write_report
 
     print_report(report)
     json_path, png = write_report(report, out_dir)
@@ -78,7 +77,9 @@ def run_lut(cfg: DictConfig) -> float:
 
     import torch
 
-    from .cost import AnalyticDevice, LatencyTable, build_latency_table
+    from nas.latency.analytic import AnalyticDevice
+    from nas.latency.build import build_latency_table
+    from nas.latency.table import LatencyTable
 
     space = make_space(cfg.space)
     device = make_device(cfg.hardware)
@@ -96,7 +97,7 @@ def run_lut(cfg: DictConfig) -> float:
         return float(report["summary"]["within_10pct"])
 
     if mode == "kit":
-        from .kit import export_kit
+        from nas.latency.kit import export_kit
 
         if device.name != "onnxruntime":
             raise UserError(f"a device kit runs ONNX Runtime on the device; use hardware=onnxruntime "
@@ -155,7 +156,7 @@ def _print_table(table) -> None:
     print(f"latency range of the space: {lo:.4f}-{hi:.4f} ms")
     method = table.meta.get("method") or {}
     if method.get("clean_fraction") is not None:
-        from .lut_validate import busy_warning
+        from nas.latency.validate import busy_warning
 
         print(f"{100 * method['clean_fraction']:.0f}% of the timed calls ran uninterrupted "
               f"(load average {table.meta.get('load_avg')})")
@@ -163,7 +164,7 @@ def _print_table(table) -> None:
 
 
 def _import(cfg: DictConfig, out_dir: Path) -> float:
-    from .kit import import_results
+    from nas.latency.kit import import_results
 
     if not cfg.get("results"):
         raise UserError("mode=import needs results=<results.json written by kit/measure.py>")
