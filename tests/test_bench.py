@@ -49,7 +49,7 @@ def test_texshapes_is_deterministic_balanced_and_seeded():
 
 def test_texshapes_datamodule_splits_and_config(monkeypatch):
     cfg = _bench_cfg(["space=mbv2_tiny"])
-    assert cfg.data._target_ == "nas.data.synth.TexShapesDataModule" and cfg.data.resolution == 32
+    assert cfg.data._target_ == "nas.data.TexShapesDataModule" and cfg.data.resolution == 32
     from hydra.utils import instantiate
 
     with open_dict(cfg):
@@ -80,7 +80,7 @@ def test_forced_path_runs_exactly_the_standalone_net(space):
 
 
 def test_memory_suite_smoke(space):
-    from nas import bench_memory as bm
+    from nas.bench import memory as bm
 
     res = bm.run_memory_suite(space, num_classes=5, batch_size=4, gates=["one"], phases=["weight"],
                               sharings=["elastic"], repeats=1, warmup=0, steps=1, time_warmup=1, time_rounds=2,
@@ -123,7 +123,7 @@ def test_unknown_suite_is_refused():
 
 # ---------------------------------------------------------------------- search
 def test_search_suite_smoke(tmp_path, space):
-    from nas import bench_search as bs
+    from nas.bench import search as bs
     from nas.latency.devices import build_device
 
     rng = random.Random(0)
@@ -139,7 +139,7 @@ def test_search_suite_smoke(tmp_path, space):
                               budgets=[0.6, 0.9], k=2, band=0.5, epochs=1, seeds=[0], strategies=strategies,
                               anchors=True, log=lambda m: None)
     methods = {(e["method"], e["budget"]) for e in res["entries"]}
-    for b in ("0.6", "0.9"):
+    for b in ("t0.60", "t0.90"):
         assert ("uniform", b) in methods and ("random", b) in methods and ("proxyless", b) in methods
         v = res["verdict"][b]
         assert "proxyless" in v["strategies"] and "beats_best_random" in v["strategies"]["proxyless"]
@@ -147,7 +147,7 @@ def test_search_suite_smoke(tmp_path, space):
             if e["budget"] == b and e["method"] in ("random", "uniform"):
                 assert e["predicted_ms"] <= res["budgets"][b] + 1e-9
     assert "nosuch" in res["skipped_strategies"]
-    assert ("ddpnas", "0.6") in methods or "ddpnas" in res["skipped_strategies"]
+    assert ("ddpnas", "t0.60") in methods or "ddpnas" in res["skipped_strategies"]
     assert res["gap_smallest_largest"]["largest_ms"] > 0
     for e in res["entries"]:
         assert 0.0 <= e["test_acc"] <= 1.0 and e["measured_ms"] > 0

@@ -87,7 +87,7 @@ def test_search_prints_progress_and_a_clear_summary(smoke_search):
     assert "hwnas search: done in" in out
     # the export folder and the next command on lines of their own, whatever the terminal width
     assert f"retrain: nas-retrain arch={smoke_search.export}\n" in out
-    assert any(line.startswith("export best") and line.endswith(str(smoke_search.export))
+    assert any(line.startswith("export t0.70") and line.endswith(str(smoke_search.export))
                for line in out.splitlines())
     for noise in ("💡 Tip", "litlogger", "litmodels", "LeafSpec", "Traceback"):
         assert noise not in out + err, noise
@@ -193,7 +193,7 @@ def test_search_width_space_combinations_refused(overrides, message, tmp_path):
 def test_search_unreachable_latency_target(smoke_search, shared_cache, tmp_path):
     """Needs the latency table: the one the smoke search built (shared cache) is reused."""
     run_dir = tmp_path / "run"
-    run = run_app("nas.apps.search", *TINY_SEARCH, "strategy.latency_target=0.05", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.search", *TINY_SEARCH, 'strategy.targets=[0.05]', f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error:", "smallest reachable")
     assert "building latency table" not in run.stdout
 
@@ -333,7 +333,7 @@ def test_search_config_option_composes(group, option, compose_cfg):
         from hydra.utils import instantiate
 
         factory = instantiate(cfg.strategy.module)  # a partial: every key must be a parameter
-        inspect.signature(factory.func).bind(supernet=None, cost_model=None, target=None, **factory.keywords)
+        inspect.signature(factory.func).bind(supernet=None, cost_model=None, targets=None, **factory.keywords)
     elif group == "hardware":
         from nas.apps.common import make_device
 

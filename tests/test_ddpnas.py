@@ -162,11 +162,11 @@ def test_theta_update_matches_hand_computation():
 def test_latency_weight_scales_the_recorded_accuracy(space):
     table = _table(space)
     target = table.resolve_target(0.8)
-    m = DDPNASSearch(Supernet(space, CLASSES), table, target, latency_weight=0.07)
+    m = DDPNASSearch(Supernet(space, CLASSES), table, [0.8], latency_weight=0.07)
     path = [0, 1, 0]
     lat = table.fixed + sum(table.layer_costs[l.name][i] for l, i in zip(space.layers, path))
     assert m.score(0.9, path) == pytest.approx(0.9 * (target / lat) ** 0.07)
-    assert DDPNASSearch(Supernet(space, CLASSES), table, target).score(0.9, path) == 0.9
+    assert DDPNASSearch(Supernet(space, CLASSES), table, [0.8]).score(0.9, path) == 0.9
     with pytest.raises(UserError, match="latency target"):
         DDPNASSearch(Supernet(space, CLASSES), table, None, latency_weight=0.1)
 
@@ -232,8 +232,8 @@ def test_knapsack_matches_brute_force_on_random_instances():
 # ---------------------------------------------------------------------- Lightning: search, export, resume
 def _module(space, table, **kw) -> DDPNASSearch:
     pl.seed_everything(0, verbose=False)
-    kw = {"steps": 1, "warmup_epochs": 1, "seed": 7, "budgets": [0.75, "1.6ms"], **kw}
-    return DDPNASSearch(Supernet(space, CLASSES), table, table.resolve_target(0.9), **kw)
+    kw = {"steps": 1, "warmup_epochs": 1, "seed": 7, "targets": [0.75, "1.6ms"], **kw}
+    return DDPNASSearch(Supernet(space, CLASSES), table, **kw)
 
 
 def test_search_runs_to_one_survivor_and_exports_within_budgets(space, tmp_path):
@@ -259,11 +259,11 @@ def test_search_runs_to_one_survivor_and_exports_within_budgets(space, tmp_path)
         assert sorted(p)[-1] == 1.0  # one survivor left per layer
     # exports: argmax + one per budget, each within its budget; budgets resolve fractions and "ms"
     archs = m.derive_all()
-    assert set(archs) == {"argmax", "budget_0.75", "budget_1.6ms"}
+    assert set(archs) == {"argmax", "t0.75", "t1.6ms"}
     lo, hi = table.bounds()
-    assert m.budgets == {"budget_0.75": pytest.approx(0.75 * hi), "budget_1.6ms": pytest.approx(1.6)}
-    assert m.export_target("budget_1.6ms", 9.9) == pytest.approx(1.6) and m.export_target("argmax", 9.9) == 9.9
-    for label, ms in m.budgets.items():
+    assert m.targets == {"t0.75": pytest.approx(0.75 * hi), "t1.6ms": pytest.approx(1.6)}
+    assert m.export_target("t1.6ms") == pytest.approx(1.6) and m.export_target("argmax") == m.target
+    for label, ms in m.targets.items():
         assert table.predict(archs[label]) <= ms
     # the knapsack export is the optimum over all architectures of the space costing in
     # [floor * budget, budget] (the whole space below the budget without a floor)
@@ -272,7 +272,7 @@ def test_search_runs_to_one_survivor_and_exports_within_budgets(space, tmp_path)
     every = list(itertools.product(*[range(len(l.choices)) for l in space.layers]))
     for floor in (m.budget_floor, 0.0):
         m.budget_floor = floor
-        for ms in m.budgets.values():  # (not at hi: the grid may hide a net costing exactly the budget)
+        for ms in m.targets.values():  # (not at hi: the grid may hide a net costing exactly the budget)
             band = [a for a in every if floor * ms - 1e-3 <= cost(a) <= ms]
             best = max(band, key=lambda a: sum(math.log(scores[g][i]) for g, i in enumerate(a)))
             got = m.derive_budget(ms)
@@ -293,9 +293,9 @@ def test_budget_below_the_cheapest_network_is_refused(space):
     table = _table(space)
     lo, hi = table.bounds()
     with pytest.raises(UserError, match="below the smallest reachable"):
-        _module(space, table, budgets=[0.5 * lo / hi])
-    m = _module(space, table, budgets=None)  # default: the latency target
-    assert list(m.budgets.values()) == [pytest.approx(m.target)]
+        _module(space, table, targets=[0.5 * lo / hi])
+    m = _module(space, table, targets=None)  # no targets: the argmax only
+    assert m.targets == {} and set(m.derive_all()) == {"argmax"}
 
 
 def test_export_scores_follow_the_pruning_order():

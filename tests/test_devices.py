@@ -241,7 +241,8 @@ def test_more_work_gives_a_larger_ratio(name):
 def test_hardware_configs_are_plain_device_kwargs(name):
     cfg = yaml.safe_load((HARDWARE_CONF / f"{name}.yaml").read_text())
     assert cfg["name"] == name
-    assert set(cfg) == {"name", "threads", "batch_size", "warmup", "repeats", "dtype"}
+    assert set(cfg) == {"_target_", "name", "threads", "batch_size", "warmup", "repeats", "dtype"}
+    cfg.pop("_target_")
     assert cfg["batch_size"] == 1 and cfg["dtype"] == "float32"
     assert cfg["warmup"] == (20 if name == "cuda" else 10)
     if name == "cuda" and not CUDA:

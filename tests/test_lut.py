@@ -346,7 +346,7 @@ def test_whole_nets_are_measured_in_small_groups_in_order():
     rotation of 100 ONNX Runtime nets each ran ~20 % slow), results come back in the input order."""
     import random as _random
 
-    from nas.latency.measure import measure_archs
+    from nas.latency.measure import measure_timed
     from supernets.space import SearchSpace
 
     space = SearchSpace.from_dict(TINY)
@@ -365,10 +365,10 @@ def test_whole_nets_are_measured_in_small_groups_in_order():
                     "__reference__": {"median_ms": 2.0}}
 
     dev = Recorder()
-    out = measure_archs(space, archs, dev, reference_ms=0.5, group=2, max_seconds=30.0)
+    out = measure_timed(space, archs, dev, reference_ms=0.5, group=2, max_seconds=30.0)
     assert [names for names, _ in dev.calls] == [["net0", "net1"], ["net2", "net3"], ["net4"]]
     assert [s for _, s in dev.calls] == [10.0, 10.0, 10.0]  # the pass's time limit is shared
     assert out == [0.5, 1.0, 1.5, 2.0, 2.5]  # ratio x the table's reference, in input order
     dev2 = Recorder()
-    assert measure_archs(space, archs, dev2, group=None) == [2.0, 4.0, 6.0, 8.0, 10.0]
+    assert measure_timed(space, archs, dev2, group=None) == [2.0, 4.0, 6.0, 8.0, 10.0]
     assert len(dev2.calls) == 1

@@ -112,7 +112,7 @@ def test_proxyless_search_runs_and_moves_alpha(space, gate):
     net = Supernet(space, dm.num_classes)
     table = _table(space)
     lo, hi = table.bounds()
-    module = ProxylessSearch(net, table, target=(lo + hi) / 2, gate=gate, warmup_epochs=1, arch_lr=0.05,
+    module = ProxylessSearch(net, table, targets={"t": (lo + hi) / 2}, gate=gate, warmup_epochs=1, arch_lr=0.05,
                              loss_form="add", loss_lambda=1.0)
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -172,9 +172,9 @@ def test_budget_derive_is_the_most_probable_arch_in_the_band(space):
                 a[layer.choices.index("zero")] = 10.0
     lo, hi = table.bounds()
     target = lo + 0.7 * (hi - lo)
-    argmax = ProxylessSearch(net, table, target=target, derive="argmax").derive()
+    argmax = ProxylessSearch(net, table, targets={"t": target}, derive="argmax").derive()
     assert argmax == net.argmax_arch() and table.predict(argmax) < 0.9 * target
-    derived = ProxylessSearch(net, table, target=target, derive="budget", budget_floor=0.9).derive()
+    derived = ProxylessSearch(net, table, targets={"t": target}, derive="budget", budget_floor=0.9).derive()
     logp = {n: torch.log_softmax(a.detach(), 0).tolist() for n, a in zip([l.name for l in space.layers],
                                                                          net.arch_parameters())}
 
@@ -190,4 +190,4 @@ def test_budget_derive_is_the_most_probable_arch_in_the_band(space):
     assert 0.9 * target - 1e-3 <= table.predict(derived) <= target
     assert score([derived.choices[l.name] for l in space.layers]) == pytest.approx(best_score, abs=1e-6)
     with pytest.raises(UserError, match="derive"):
-        ProxylessSearch(net, table, target=target, derive="best")
+        ProxylessSearch(net, table, targets={"t": target}, derive="best")

@@ -138,7 +138,7 @@ def test_budget_derive_over_ops_and_widths_is_the_brute_force_optimum(space):
     _random_alphas(net, seed=4, scale=2.0)
     lo, hi = cost.bounds()
     target = lo + 0.6 * (hi - lo)
-    derived = ProxylessSearch(net, cost, target, derive="budget", budget_floor=0.9).derive()
+    derived = ProxylessSearch(net, cost, {"t": target}, derive="budget", budget_floor=0.9).derive()
     logp = {n: torch.log_softmax(p.detach().log(), 0).tolist() for n, p in net.probs().items()}
     dec = space.decisions()
 
@@ -161,7 +161,7 @@ def test_proxyless_search_learns_widths_and_keeps_them_in_the_history(space):
     net = Supernet(space, dm.num_classes)
     cost = build_flops_model(space, dm.num_classes)
     lo, hi = cost.bounds()
-    module = ProxylessSearch(net, cost, target=lo + 0.3 * (hi - lo), warmup_epochs=1, arch_lr=0.05,
+    module = ProxylessSearch(net, cost, targets={"t": lo + 0.3 * (hi - lo)}, warmup_epochs=1, arch_lr=0.05,
                              loss_form="add", loss_lambda=1.0)
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)

@@ -102,7 +102,6 @@ def run_lut(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     """Build (or load from the cache) each available device's table and validate it end to end."""
     import torch
 
-    from nas.latency.analytic import AnalyticDevice
     from nas.latency.build import build_latency_table, table_path
     from nas.latency.table import LatencyTable
     from nas.latency.validate import plot_report, summary_line, validate_table
@@ -127,7 +126,7 @@ def run_lut(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
             _log(f"lut: {name} not available here: {e}")
             lines.append(f"| {name} | not available here | | | | | | | | | |")
             continue
-        if isinstance(device, AnalyticDevice):
+        if not device.timed:
             devices[name] = {"available": False, "reason": "analytic model (nothing is timed)"}
             continue
         torch.set_num_threads(int(device.threads))
@@ -181,12 +180,12 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     s = cfg.search
     space = make_space(cfg.space)
     device = make_device(cfg.hardware)
-    torch.set_num_threads(int(getattr(device, "threads", torch.get_num_threads())))
+    torch.set_num_threads(int(device.threads))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
     cost_model = make_cost_model(cfg, space, device, datamodule.num_classes, log=_log)
-    if getattr(cost_model, "kind", "latency") != "latency":
+    if cost_model.kind != "latency":
         raise UserError(f"suite=search compares measured latencies; hardware={device.name} is an analytic model. "
                         f"Use hardware=cpu or hardware=onnxruntime")
     if not s.budgets:

@@ -12,8 +12,9 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from nas.errors import UserError
+from nas.latency.hardware import Hardware, create_hardware
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _gpus_per_node(accelerator: str, devices) -> int:
@@ -108,6 +109,24 @@ def _is_command_line_error(exc: BaseException | None) -> bool:
     return isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException))
 
 
+#: Keys of earlier versions: ``{old key: what to write instead}``.
+RENAMED_KEYS = {
+    "strategy.latency_target": "strategy.targets=[{value}]",
+    "strategy.budgets": "strategy.targets={value}",
+}
+
+
+def renamed_key_error(args: list[str]) -> str | None:
+    """The one-line message for a command-line override of a renamed key (None when there is none)."""
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if key in RENAMED_KEYS:
+            value = value if sep and value else "..."
+            return (f"{key} was renamed: every strategy takes its latency targets as a list, "
+                    f"`{RENAMED_KEYS[key].format(value=value.strip('[]'))}`")
+    return None
+
+
 def hydra_entry(app: Callable[..., Any]) -> Callable[..., Any]:
     """The console entry point around a ``@hydra.main`` function.
 
@@ -121,6 +140,10 @@ def hydra_entry(app: Callable[..., Any]) -> Callable[..., Any]:
     def main(cfg_passthrough: DictConfig | None = None):
         if cfg_passthrough is not None:
             return app(cfg_passthrough)
+        renamed = renamed_key_error(sys.argv[1:])
+        if renamed:
+            print(f"error: {renamed}", file=sys.stderr)
+            sys.exit(2)
         try:
             return app()
         except SystemExit as e:
@@ -154,40 +177,22 @@ def make_space(cfg_space):
         raise UserError(f"space: {e}") from None
 
 
-def make_device(cfg_hw):
-    """A timed device (``cpu``, ``onnxruntime``, ``cuda``) or an analytic one (``flops``, ``params``)."""
-    from nas.latency.analytic import ANALYTIC_NAMES, AnalyticDevice
-    from nas.latency.devices import DEVICE_NAMES, build_device
-
+def make_device(cfg_hw) -> Hardware:
+    """The ``hardware=`` option as an object: made from its ``_target_`` (a config without one, e.g.
+    ``{name: cpu, threads: 1}``, is built by name)."""
     hw = OmegaConf.to_container(cfg_hw, resolve=True)
-    name = hw.get("name")
-    if name in ANALYTIC_NAMES:
-        return AnalyticDevice(**hw)
-    if name not in DEVICE_NAMES:
-        raise UserError(f"unknown hardware '{name}'; choose one of: {', '.join((*DEVICE_NAMES, *ANALYTIC_NAMES))} "
-                        f"(conf/hardware/)")
-    return build_device(**hw)
+    if "_target_" in hw:
+        return instantiate(hw)
+    return create_hardware(**hw)
 
 
-def make_cost_model(cfg, space, device, num_classes: int, log=print):
-    """The device's latency table (cached, built when missing; or ``lut.path``), or for
-    ``hardware=flops|params`` the analytic model."""
-    from nas.latency.analytic import AnalyticDevice
-    from nas.latency.build import load_or_build_table
-    from nas.latency.table import LatencyTable
-
-    if isinstance(device, AnalyticDevice):
-        if cfg.lut.get("path"):
-            log(f"note: hardware={device.name} is analytic; lut.path={cfg.lut.path} is not used")
-        return device.cost_model(space, num_classes)
-    if cfg.lut.get("path"):
-        path = Path(cfg.lut.path).expanduser()
-        if not path.exists():
-            raise UserError(f"lut.path={path} does not exist; build a table with `nas-lut space={space.name} "
-                            f"hardware={device.name}` or drop lut.path to use the cache")
-        return LatencyTable.load(path, space, device.fingerprint_id(), warn=log)
-    return load_or_build_table(space, device, num_classes, cfg.lut.cache_dir, rebuild=bool(cfg.lut.rebuild),
-                               progress=cfg.get("progress", "rich") != "none", log=log)
+def make_cost_model(cfg, space, device: Hardware, num_classes: int, log=print):
+    """The cost model of ``space`` on ``device``: its latency table (``lut.path``, or cached and built
+    when missing) or, for ``hardware=flops|params``, the exact count."""
+    lut = cfg.lut
+    return device.cost_model(space, num_classes, cache_dir=lut.get("cache_dir"), rebuild=bool(lut.get("rebuild")),
+                             path=lut.get("path"), progress=cfg.get("progress", "rich") != "none", log=log,
+                             accept_untrusted=bool(lut.get("accept_untrusted", False)))
 
 
 def make_logger(cfg_logger):

@@ -49,10 +49,9 @@ def _table_file(cfg: DictConfig, space, device, num_classes: int) -> Path:
 
 
 def _validate(cfg: DictConfig, table, device, out_dir: Path) -> dict[str, Any]:
-    from nas.latency.analytic import AnalyticDevice
     from nas.latency.validate import validate_table
 
-    retest = bool(cfg.retest) and not isinstance(device, AnalyticDevice)  # a count does not vary
+    retest = bool(cfg.retest) and device.timed  # a count does not vary
     report = validate_table(table, device, samples=int(cfg.samples), seed=int(cfg.seed), retest=retest,
                             progress=_progress(cfg))
     _finish_report(report, out_dir)
@@ -77,16 +76,15 @@ def run_lut(cfg: DictConfig) -> float:
 
     import torch
 
-    from nas.latency.analytic import AnalyticDevice
     from nas.latency.build import build_latency_table
     from nas.latency.table import LatencyTable
 
     space = make_space(cfg.space)
     device = make_device(cfg.hardware)
-    torch.set_num_threads(int(getattr(device, "threads", torch.get_num_threads())))
+    torch.set_num_threads(int(device.threads))
     num_classes = int(cfg.num_classes)
 
-    if isinstance(device, AnalyticDevice):
+    if not device.timed:
         if mode == "kit":
             raise UserError(f"hardware={device.name} is an analytic model: there is nothing to measure on a "
                             f"device; use hardware=onnxruntime for a kit")

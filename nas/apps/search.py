@@ -1,8 +1,9 @@
 """``nas-search``: search a supernet for a device and dataset, then export the derived network(s).
 
     nas-search                                        # mbv2_tiny on digits for this CPU, ProxylessNAS
-    nas-search space=mbv2_tiny hardware=onnxruntime strategy.latency_target=0.4
-    nas-search -m strategy.latency_target=0.3,0.5,0.7 seed=0,1
+    nas-search space=mbv2_tiny hardware=onnxruntime 'strategy.targets=[0.4]'
+    nas-search 'strategy.targets=[0.5,0.7]'          # ProxylessNAS: one search per target
+    nas-search -m 'strategy.targets=[0.5],[0.7]' seed=0,1
 
 Returns the derived network's validation accuracy (for Hydra sweepers).
 """
@@ -13,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
 
 from nas.apps.common import (
     CONF_DIR,
@@ -30,17 +35,22 @@ from nas.apps.common import (
     user_errors,
 )
 from nas.errors import UserError
-from nas.report.tracking import wandb_run
+from nas.export import count_model_flops, count_params, evaluate, write_export
+from nas.latency.measure import measure_archs
+from nas.report.plots import plot_choice_probs, plot_cost_curve
+from nas.report.tracking import (
+    log_choice_probs,
+    log_export_artifact,
+    log_lut_summary,
+    wandb_run,
+)
+from supernets.bn import calibrate_bn
+from supernets.supernet import WEIGHT_SHARING, Supernet
 
 
 def export_arch(label: str, arch, *, module, space, datamodule, device, cost_model, out_dir: Path,
                 cfg, search_seconds: float, target) -> dict[str, Any]:
     """Extract ``arch`` from the trained supernet, recalibrate BN, evaluate, measure and export it."""
-    from nas.export import count_model_flops, count_params, evaluate, write_export
-    from nas.latency.measure import measure_archs
-    from nas.report.plots import plot_choice_probs, plot_cost_curve
-    from supernets.bn import calibrate_bn
-
     sub = module.supernet.extract(arch).cpu()
     calibrate_bn(sub, datamodule.calib_dataloader(int(cfg.export.calib_batches)))
     val_acc = evaluate(sub, datamodule.val_dataloader())
@@ -80,8 +90,7 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
         plots["arch_probs.png"] = lambda p: plot_choice_probs(module.history, choices, p)
     if any("expected" in h for h in module.history):
         plots["latency_curve.png"] = lambda p: plot_cost_curve(module.history, p, target, cost_model.unit)
-    if hasattr(module, "extra_plots"):
-        plots.update(module.extra_plots())
+    plots.update(module.extra_plots())
     write_export(out_dir, space=space, arch=arch, model=sub, report=report, plots=plots, onnx=bool(cfg.export.onnx))
     report["dir"] = str(out_dir)
     return report
@@ -91,9 +100,6 @@ def print_summary(reports: list[dict[str, Any]], total_seconds: float, unit: str
                   kind: str = "latency") -> None:
     """One row per export, then each export's folder on a line of its own (copyable, never wrapped
     inside a table cell) and the command that retrains it."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     if not console.is_terminal:  # piped or logged: no terminal width to fit, do not squeeze to 80
         console = Console(width=160)
@@ -114,54 +120,70 @@ def print_summary(reports: list[dict[str, Any]], total_seconds: float, unit: str
 
 
 def run_search(cfg: DictConfig) -> float:
-    import pytorch_lightning as pl
-    import torch
-
-    from supernets.supernet import WEIGHT_SHARING, Supernet
-
     t_start = time.perf_counter()
     # ---- everything a user can get wrong is checked here, before any training
     check_progress(cfg.get("progress", "rich"))
     if "epochs" in cfg.strategy:
         check_epochs(cfg.strategy.epochs, "strategy.epochs")
     run_dir = Path(cfg.export.dir).parent
-    ckpt_dir = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, ckpt_dir)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    resume_checkpoint(cfg, run_dir / "checkpoints", announce=False)  # checks resume= before any work
+    seed = int(cfg.seed)
+    pl.seed_everything(seed, workers=True, verbose=False)
     torch.set_num_threads(int(cfg.hardware.get("threads", torch.get_num_threads())))
     space = make_space(cfg.space)
     datamodule = instantiate(cfg.data)
     device = make_device(cfg.hardware)
     num_classes = datamodule.num_classes
     cost_model = make_cost_model(cfg, space, device, num_classes)
-    target = cost_model.resolve_target(cfg.strategy.get("latency_target"))
+    targets = cost_model.resolve_targets(cfg.strategy.get("targets"))
     sharing = str(cfg.supernet.weight_sharing)
     if sharing not in WEIGHT_SHARING:
         raise UserError(f"supernet.weight_sharing={sharing!r} is unknown; choose one of {', '.join(WEIGHT_SHARING)}")
     if space.has_widths and sharing != "elastic":
         raise UserError(f"space={space.name} has width decisions, which slice one set of shared weights: "
                         f"supernet.weight_sharing must be elastic (drop supernet.weight_sharing={sharing})")
-    supernet = Supernet(space, num_classes, weight_sharing=sharing)
-    module = instantiate(cfg.strategy.module)(supernet=supernet, cost_model=cost_model, target=target)
+    factory = instantiate(cfg.strategy.module)
+    # one search per target where the strategy serves one target at a time (ProxylessNAS), else one for all
+    groups = ([{label: value} for label, value in targets.items()]
+              if factory.func.one_target_per_search and len(targets) > 1 else [targets])
     logger = make_logger(cfg.get("logger"))
     lo, hi = cost_model.bounds()
-    kind, unit = getattr(cost_model, "kind", "latency"), getattr(cost_model, "unit", "ms")
+    kind, unit = cost_model.kind, cost_model.unit
     print(f"space {space.name}: {len(space.layers)} searchable layers, {space.size():.3g} architectures; "
           f"{kind} {lo:.3f}-{hi:.3f} {unit} on {device.name}"
-          + (f"; target {target:.3f} {unit} ({target / hi:.2f} of largest)" if target else ""))
-
+          + ("; targets " + ", ".join(f"{label} = {v:.3f} {unit} ({v / hi:.2f} of largest)"
+                                      for label, v in targets.items()) if targets else ""))
     epochs = cfg.trainer.get("max_epochs")
-    print(f"searching with {module.name}" + (f" for {epochs} epochs" if epochs else "") + f"; run folder {run_dir}")
-    ckpt = checkpoint_callback(ckpt_dir, cfg.checkpoint)
-    trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger, callbacks=[ckpt, *progress_callbacks(cfg.progress)],
-                         default_root_dir=str(run_dir))
+    if len(groups) > 1:
+        print(f"{cfg.strategy.name} searches for one target at a time: {len(groups)} searches, one per target")
+    reports: list[dict[str, Any]] = []
+    n_exports = None
     try:
-        trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
-                    val_dataloaders=datamodule.val_dataloader(), ckpt_path=resume_from)
-        search_seconds = module.search_cost["seconds"]
-        return _finish(cfg, trainer, module, logger, space=space, datamodule=datamodule, device=device,
-                       cost_model=cost_model, target=target, search_seconds=search_seconds, t_start=t_start,
-                       unit=unit, kind=kind)
+        for i, group in enumerate(groups):
+            sub = next(iter(group)) if len(groups) > 1 else ""
+            ckpt_dir = run_dir / "checkpoints" / sub
+            resume_from = resume_checkpoint(cfg, ckpt_dir)
+            if i > 0:  # every search starts from the same seed, as if it ran alone
+                pl.seed_everything(seed, workers=True, verbose=False)
+            supernet = Supernet(space, num_classes, weight_sharing=sharing)
+            module = factory(supernet=supernet, cost_model=cost_model, targets=group)
+            print(f"searching with {module.name}" + (f" for {sub}" if sub else "")
+                  + (f" for {epochs} epochs" if epochs else "") + f"; run folder {run_dir}")
+            ckpt = checkpoint_callback(ckpt_dir, cfg.checkpoint)
+            trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger,
+                                 callbacks=[ckpt, *progress_callbacks(cfg.progress)], default_root_dir=str(run_dir))
+            trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
+                        val_dataloaders=datamodule.val_dataloader(), ckpt_path=resume_from)
+            if not trainer.is_global_zero:
+                continue
+            archs = module.derive_all()
+            if n_exports is None:
+                n_exports = len(archs) * len(groups)
+            reports += _export_all(cfg, module, archs, logger, single=n_exports == 1, space=space,
+                                   datamodule=datamodule, device=device, cost_model=cost_model)
+        if reports:
+            print_summary(reports, time.perf_counter() - t_start, unit, kind)
+        return float(reports[0]["val_acc"]) if reports else 0.0
     finally:
         if wandb_run(logger) is not None:
             import wandb
@@ -174,15 +196,13 @@ def checkpoint_callback(ckpt_dir: Path, checkpoint_cfg) -> pl.callbacks.ModelChe
     steps), overwriting it: "top 1 without a monitor" keeps the latest save. It is written after the
     strategy's own epoch-end hook (history, LR schedule), so a resume starts the next epoch.
     (``save_last=True`` with ``save_top_k=0`` writes nothing before the end of fit in Lightning 2.6.)"""
-    import pytorch_lightning as pl
-
     return pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1, monitor=None,
                                         enable_version_counter=False, save_on_train_epoch_end=True,
                                         every_n_epochs=checkpoint_cfg.get("every_n_epochs") or None,
                                         every_n_train_steps=checkpoint_cfg.get("every_n_train_steps") or None)
 
 
-def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path, announce: bool = True) -> str | None:
     """``last.ckpt`` of this run folder when ``resume=auto`` and it exists (a requeued or restarted job)."""
     mode = str(cfg.get("resume", "auto"))
     if mode not in ("auto", "never"):
@@ -190,43 +210,30 @@ def resume_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> str | None:
                         f"exists) or never")
     last = ckpt_dir / "last.ckpt"
     if mode == "auto" and last.exists():
-        print(f"resuming from {last}")
+        if announce:
+            print(f"resuming from {last}")
         return str(last)
     return None
 
 
-def _finish(cfg, trainer, module, logger, *, space, datamodule, device, cost_model, target, search_seconds,
-            t_start, unit, kind) -> float:
-    """Derive, export (rank 0 only), log to W&B, print the summary; returns the first export's val acc."""
-    from nas.report.tracking import (
-        log_choice_probs,
-        log_export_artifact,
-        log_lut_summary,
-    )
-
-    reports = []
-    if trainer.is_global_zero:
-        archs = module.derive_all()
-        base = Path(cfg.export.dir)
-        for label, arch in archs.items():
-            out = base if len(archs) == 1 else base / label
-            reports.append(export_arch(label, arch, module=module, space=space, datamodule=datamodule,
-                                       device=device, cost_model=cost_model, out_dir=out, cfg=cfg,
-                                       search_seconds=search_seconds,
-                                       target=module.export_target(label, target) if hasattr(module, "export_target")
-                                       else target))
-        if logger:
-            logger.log_metrics({"export/val_acc": reports[0]["val_acc"],
-                                "export/latency_pred_ms": reports[0]["latency_ms"]["predicted"]})
-        run = wandb_run(logger)
-        if run is not None:
-            first = Path(reports[0]["dir"])
-            log_choice_probs(run, module.history, space.decisions(), first / "arch_probs.png")
-            log_lut_summary(run, cost_model.meta)
-            for r in reports:
-                log_export_artifact(run, Path(r["dir"]), r)
-        print_summary(reports, time.perf_counter() - t_start, unit, kind)
-    return float(reports[0]["val_acc"]) if reports else 0.0
+def _export_all(cfg, module, archs: dict[str, Any], logger, *, single: bool, space, datamodule, device,
+                cost_model) -> list[dict[str, Any]]:
+    """Export every derived architecture of one search (rank 0 only) and log them to W&B."""
+    base = Path(cfg.export.dir)
+    reports = [export_arch(label, arch, module=module, space=space, datamodule=datamodule, device=device,
+                           cost_model=cost_model, out_dir=base if single else base / label, cfg=cfg,
+                           search_seconds=module.search_cost["seconds"], target=module.export_target(label))
+               for label, arch in archs.items()]
+    if logger:
+        logger.log_metrics({"export/val_acc": reports[0]["val_acc"],
+                            "export/latency_pred_ms": reports[0]["latency_ms"]["predicted"]})
+    run = wandb_run(logger)
+    if run is not None:
+        log_choice_probs(run, module.history, space.decisions(), Path(reports[0]["dir"]) / "arch_probs.png")
+        log_lut_summary(run, cost_model.meta)
+        for r in reports:
+            log_export_artifact(run, Path(r["dir"]), r)
+    return reports
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")

@@ -164,16 +164,17 @@ def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], 
     epochs = int(ov.get("epochs", cfg.get("epochs", 10)))
     if "module" in ov:
         cfg.module = OmegaConf.merge(cfg.module, ov.module)
-    per_budget = not ("budgets" in cfg.module)  # strategies exporting per budget search once
+    factory = instantiate(cfg.module)
+    per_budget = factory.func.one_target_per_search  # the others export every budget from one search
     out: dict[str, dict[str, Any]] = {}
 
-    def search(target: float | None, extra: Mapping[str, Any]):
+    def search(targets: Mapping[str, float]):
         pl.seed_everything(int(seed), workers=True, verbose=False)
         supernet = Supernet(space, datamodule.num_classes, weight_sharing=weight_sharing)
-        module_cfg = OmegaConf.merge(cfg.module, extra)
+        module_cfg = OmegaConf.merge(cfg.module, {})
         if "seed" in module_cfg and module_cfg.seed is None:
             module_cfg.seed = int(seed)
-        module = instantiate(module_cfg)(supernet=supernet, cost_model=cost_model, target=target)
+        module = instantiate(module_cfg)(supernet=supernet, cost_model=cost_model, targets=targets)
         t0 = time.perf_counter()
         _trainer(epochs, validate=True).fit(module, train_dataloaders=module.train_loaders(datamodule),
                                              val_dataloaders=datamodule.val_dataloader())
@@ -181,16 +182,16 @@ def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], 
 
     if per_budget:
         for label, ms in budgets.items():
-            module, secs = search(ms, {})
+            module, secs = search({label: ms})
             arch = module.derive()
             out[label] = {"arch": arch, "search_seconds": secs, "searches": 1}
             log(f"  {name} searched for {label} ({ms:.3f} ms) in {secs:.0f} s: predicted "
                 f"{cost_model.predict(arch):.3f} ms")
     else:
-        ms_list = list(budgets.values())
-        module, secs = search(max(ms_list), {"budgets": [f"{ms}{cost_model.unit}" for ms in ms_list]})
+        module, secs = search(dict(budgets))
+        archs = module.derive_all()
         for label, ms in budgets.items():
-            arch = module.derive_budget(ms) if hasattr(module, "derive_budget") else module.derive()
+            arch = archs.get(label)
             if arch is None:
                 log(f"  {name}: no architecture for {label}")
                 continue
@@ -213,7 +214,7 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
     t0 = time.perf_counter()
     num_classes = datamodule.num_classes
     lo, hi = cost_model.bounds()
-    resolved = {f"{b:g}": cost_model.resolve_target(b) for b in budgets}
+    resolved = cost_model.resolve_targets(list(budgets))
     log(f"search suite: {space.name} on {datamodule.describe()['name']} ({datamodule.describe()['train']} train / "
         f"{datamodule.describe()['arch']} arch / {datamodule.describe()['test']} test), latency {lo:.3f}-{hi:.3f} ms "
         f"on {device.name}; budgets " + ", ".join(f"{k_}={v:.3f} ms" for k_, v in resolved.items()))

@@ -377,10 +377,9 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             per_seed = list(pool.map(_run_seed_job, [(opts, extra, s) for s in seeds]))
     train_seconds = time.perf_counter() - t0
-    from nas.latency.analytic import AnalyticDevice
     from nas.latency.measure import measure_archs
 
-    timed = not isinstance(device, AnalyticDevice)
+    timed = device.timed
     latency = None
     if timed:  # every distinct network, end to end, after training (a quiet machine)
         keys = []

@@ -1,16 +1,22 @@
 """Analytic cost models (``hardware=flops``, ``hardware=params``): exact counts instead of timing."""
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from nas.errors import UserError
 from nas.latency.cost import CostModel, FlopsModel, ParamsModel
-from nas.latency.items import _block_items, _fixed_modules, _head_width_parts, entry_key
+from nas.latency.hardware import Hardware, register_hardware
+from nas.latency.items import (
+    _block_items,
+    _fixed_modules,
+    _head_width_parts,
+    arch_net,
+    entry_key,
+)
+from supernets.arch import Arch
 from supernets.blocks import make_block
 from supernets.space import ZERO, SearchSpace
 
@@ -61,13 +67,15 @@ def build_params_model(space: SearchSpace, num_classes: int) -> ParamsModel:
     return _analytic(space, num_classes, lambda m, s: count_params(m) / 1e6, ParamsModel)
 
 
-class AnalyticDevice:
+@register_hardware(*ANALYTIC_NAMES)
+class AnalyticDevice(Hardware):
     """``hardware=flops`` / ``hardware=params``: an exact count instead of a timed device.
 
-    It has the parts of a device an app touches (``name``, ``batch_size``, ``threads``,
-    ``fingerprint()``, ``fingerprint_id()``); :meth:`cost_model` builds the additive model and
-    :func:`measure_archs` counts whole nets (which equals the model's prediction: both are exact).
+    :meth:`cost_model` builds the additive model; :meth:`measure_nets` counts whole nets (which
+    equals the model's prediction: both are exact).
     """
+
+    timed = False
 
     def __init__(self, name: str, threads: int | None = None, batch_size: int = 1, **kw: Any) -> None:
         if name not in ANALYTIC_NAMES:
@@ -78,6 +86,7 @@ class AnalyticDevice:
         self.name = name
         self.threads = int(threads) if threads else torch.get_num_threads()
         self.batch_size = int(batch_size)
+        self.unit = FlopsModel.unit if name == "flops" else ParamsModel.unit
 
     def __repr__(self) -> str:
         return f"AnalyticDevice(name={self.name!r})"
@@ -85,18 +94,18 @@ class AnalyticDevice:
     def fingerprint(self) -> dict[str, Any]:
         return {"name": self.name, "analytic": True}
 
-    def fingerprint_id(self) -> str:
-        blob = json.dumps(self.fingerprint(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
-
     def count(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
         if self.name == "flops":
             return count_flops(module, input_shape) / 1e6
         return count_params(module) / 1e6
 
-    def cost_model(self, space: SearchSpace, num_classes: int) -> CostModel:
+    def cost_model(self, space: SearchSpace, num_classes: int, *, path: str | None = None,
+                   log: Callable[[str], Any] = print, **_: Any) -> CostModel:
+        if path:
+            log(f"note: hardware={self.name} is analytic; lut.path={path} is not used")
         if self.name == "flops":
             return build_flops_model(space, num_classes)
         return build_params_model(space, num_classes)
 
-
+    def measure_nets(self, space: SearchSpace, archs: Sequence[Arch], **_: Any) -> list[float]:
+        return [self.count(*arch_net(space, a)) for a in archs]

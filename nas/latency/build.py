@@ -120,15 +120,58 @@ def table_path(cache_dir: str | os.PathLike, space: SearchSpace, device, num_cla
             / f"{device.name}-{device.fingerprint_id()}-c{num_classes}.json")
 
 
+#: A table measured with fewer of its timed calls uninterrupted than this is not trusted.
+MIN_CLEAN_FRACTION = 0.5
+
+
+def trust_problems(table: LatencyTable, bar: Mapping[str, float] | None) -> list[str]:
+    """Why ``table`` should not be used without the user's say ([] when it meets ``bar``).
+
+    ``bar`` is the device's: ``{"within_10pct": fraction, "spearman": value}`` on the table's own
+    validation (:mod:`nas.latency.validate`); a table measured while other processes interrupted
+    most timed calls (``clean_fraction`` under :data:`MIN_CLEAN_FRACTION`) fails as well.
+    """
+    problems = []
+    clean = (table.meta.get("method") or {}).get("clean_fraction")
+    if clean is not None and clean < MIN_CLEAN_FRACTION:
+        problems.append(f"other processes interrupted {100 * (1 - clean):.0f}% of its timed calls")
+    v = table.meta.get("validation") or {}
+    if bar and v:
+        w, s = v.get("within_10pct"), v.get("spearman")
+        if (w is not None and w < bar["within_10pct"]) or (s is not None and s < bar["spearman"]):
+            problems.append(f"its validation on {v.get('n')} subnets gave {100 * (w or 0):.0f}% within +-10% and "
+                            f"Spearman {s if s is not None else float('nan'):.2f}, below this device's bar "
+                            f"({100 * bar['within_10pct']:.0f}%, {bar['spearman']:.2f})")
+    return problems
+
+
+def check_trusted(table: LatencyTable, path: str | os.PathLike, *, bar: Mapping[str, float] | None,
+                  accept_untrusted: bool = False, log=print) -> None:
+    """Stop (:class:`UserError`) on a table below its bar unless the user accepted it; then warn."""
+    problems = trust_problems(table, bar)
+    if not problems:
+        return
+    why = "; ".join(problems)
+    if not accept_untrusted:
+        raise UserError(f"latency table {path} is not trustworthy: {why}. Rebuild it on a quiet machine "
+                        f"(`lut.rebuild=true`, nothing else running), or use it anyway with "
+                        f"`lut.accept_untrusted=true`")
+    table.meta["untrusted"] = why
+    log(f"warning: using latency table {path} although {why} (lut.accept_untrusted=true)")
+
+
 def load_or_build_table(space: SearchSpace, device, num_classes: int, cache_dir: str | os.PathLike,
                         *, rebuild: bool = False, progress: bool = True, log=print,
-                        validate_samples: int = 20) -> LatencyTable:
+                        validate_samples: int = 20, accept_untrusted: bool = False) -> LatencyTable:
     """The cached table for (space, device, classes), built (with a progress bar) when missing.
 
     A freshly built table is validated on ``validate_samples`` random subnets (plus the largest and
     smallest; 0 skips it) so that the search reports how far to trust it; ``nas-lut`` validates
-    with more. A cached file of an older format is rebuilt.
+    with more. A cached file of an older format is rebuilt. A table below the device's bar
+    (:func:`trust_problems`) stops the run unless ``accept_untrusted``: a freshly built one is then
+    kept beside the cache as ``*.rejected.json`` for inspection, not cached.
     """
+    bar = device.trust_bar
     path = table_path(cache_dir, space, device, num_classes)
     if path.exists() and not rebuild:
         try:
@@ -136,7 +179,9 @@ def load_or_build_table(space: SearchSpace, device, num_classes: int, cache_dir:
         except (OSError, json.JSONDecodeError, AttributeError):
             version = None
         if version == TABLE_VERSION:
-            return LatencyTable.load(path, space, device.fingerprint_id(), warn=log)
+            table = LatencyTable.load(path, space, device.fingerprint_id(), warn=log)
+            check_trusted(table, path, bar=bar, accept_untrusted=accept_untrusted, log=log)
+            return table
         log(f"cached latency table {path} has format version {version}; rebuilding it")
     log(f"building latency table for space {space.name} on {device.name} -> {path}")
     table = build_latency_table(space, device, num_classes, progress=progress)
@@ -145,10 +190,15 @@ def load_or_build_table(space: SearchSpace, device, num_classes: int, cache_dir:
         f"{table.meta['per_block_ms']:+.4f} ms/block, {table.meta['overhead_ms']:+.3f} ms), "
         f"range {table.bounds()[0]:.3f}-{table.bounds()[1]:.3f} ms")
     if validate_samples > 0:
-
         report = validate_table(table, device, samples=validate_samples, retest=False, progress=progress)
         s = report["summary"]
         log(f"validated on {s['n']} subnets: {100 * s['within_10pct']:.0f}% within +-10%, "
             f"Spearman {s['spearman']:.3f}, RMSE {s['rmse_pct']:.1f}%")
+    if trust_problems(table, bar) and not accept_untrusted:
+        rejected = path.with_name(path.stem + ".rejected.json")
+        table.save(rejected)
+        log(f"the table is kept for inspection in {rejected}, not cached")
+        check_trusted(table, path, bar=bar, accept_untrusted=False, log=log)
+    check_trusted(table, path, bar=bar, accept_untrusted=accept_untrusted, log=log)
     table.save(path)
     return table

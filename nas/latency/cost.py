@@ -19,6 +19,18 @@ from supernets.arch import Arch
 from supernets.space import ZERO, SearchSpace, width_choice, width_decision
 
 
+def target_label(target: float | str) -> str:
+    """Export folder name of a target: ``0.3`` -> ``t0.30``, ``"2.5ms"`` -> ``t2.5ms``."""
+    if isinstance(target, str):
+        text = target.strip().lower()
+        try:
+            target = float(text)
+        except ValueError:
+            return "t" + text.replace(" ", "")
+    t = float(target)
+    return f"t{t:.2f}" if t <= 1 else f"t{t:g}"
+
+
 class CostModel:
     """Additive cost over a space: ``layer_costs[name][i]`` is the cost of candidate i of layer name.
 
@@ -212,6 +224,24 @@ class CostModel:
                 f"space ({lo:.4g} {unit}, fraction {lo / hi:.3f} of the largest); choose a target >= "
                 f"{lo:.4g}{unit} or a fraction >= {lo / hi:.3f}")
         return value
+
+    def resolve_targets(self, targets: Any) -> dict[str, float]:
+        """``{label: value}`` for ``strategy.targets`` (a list, or one value), largest first.
+
+        Each target is a fraction of the most expensive architecture (``0 < x <= 1``) or an absolute
+        value (``"2.5ms"``, or a bare number above 1 in this model's unit); labels name the export
+        folders (:func:`target_label`). Duplicates are refused.
+        """
+        if targets is None or (isinstance(targets, str) and targets.strip().lower() in ("", "none", "null")):
+            return {}
+        items = [targets] if isinstance(targets, (str, int, float)) else list(targets)
+        out: dict[str, float] = {}
+        for t in items:
+            label = target_label(t)
+            if label in out:
+                raise UserError(f"strategy.targets lists {t!r} twice; give each target once")
+            out[label] = self.resolve_target(t)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def summary(self) -> dict[str, Any]:
         lo, hi = self.bounds()

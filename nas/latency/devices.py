@@ -52,15 +52,14 @@ import abc
 import contextlib
 import copy
 import gc
-import hashlib
-import json
 import math
 import os
 import platform
 import random
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +68,12 @@ from torch import nn
 
 from nas.errors import UserError
 from nas.io import export_onnx
+from nas.latency.build import check_trusted, load_or_build_table
+from nas.latency.hardware import Hardware, create_hardware, register_hardware
+from nas.latency.measure import measure_timed
+from nas.latency.table import LatencyTable
+from supernets.arch import Arch
+from supernets.space import SearchSpace
 
 __all__ = [
     "DEVICE_NAMES",
@@ -207,7 +212,7 @@ def median_ci(values: list[float], z: float = 1.96) -> float:
     return float((ordered[hi] - ordered[lo]) / (2.0 * median)) if median > 0 else float("inf")
 
 
-class Device(abc.ABC):
+class Device(Hardware):
     """A target to time modules on. Subclasses compile a module into a zero-argument callable.
 
     Args:
@@ -224,6 +229,10 @@ class Device(abc.ABC):
 
     #: Device-specific keyword options a subclass accepts, with their defaults.
     extra_options: dict[str, Any] = {}
+
+    #: The bar a latency table on this device must meet on its validation to be used without the user's
+    #: say (``lut.accept_untrusted=true``): fraction of subnets within +-10 %, and Spearman.
+    trust_bar: dict[str, float] = {"within_10pct": 0.95, "spearman": 0.95}
 
     #: Whether calls are timed with the host clock (so a preemption of the process inflates them).
     host_timed: bool = True
@@ -299,10 +308,27 @@ class Device(abc.ABC):
             "torch": torch.__version__,
         }
 
-    def fingerprint_id(self) -> str:
-        """A short (12 hex digits) sha1 of the sorted-key JSON of :meth:`fingerprint`."""
-        blob = json.dumps(self.fingerprint(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
+    # ------------------------------------------------------------------ the Hardware interface
+
+    def cost_model(self, space: SearchSpace, num_classes: int, *, cache_dir: str | None = None,
+                   rebuild: bool = False, path: str | None = None, progress: bool = True,
+                   log: Callable[[str], Any] = print, accept_untrusted: bool = False) -> LatencyTable:
+        """The latency table of ``space`` on this device: ``path`` if given, else the cache (built when missing)."""
+        if path:
+            file = Path(path).expanduser()
+            if not file.exists():
+                raise UserError(f"lut.path={file} does not exist; build a table with `nas-lut space={space.name} "
+                                f"hardware={self.name}` or drop lut.path to use the cache")
+            table = LatencyTable.load(file, space, self.fingerprint_id(), warn=log)
+            check_trusted(table, file, accept_untrusted=accept_untrusted, log=log)
+            return table
+        if cache_dir is None:
+            raise UserError("a timed device needs lut.cache_dir (or lut.path) for its latency table")
+        return load_or_build_table(space, self, num_classes, cache_dir, rebuild=rebuild, progress=progress, log=log,
+                                   accept_untrusted=accept_untrusted)
+
+    def measure_nets(self, space: SearchSpace, archs: Sequence[Arch], **kw: Any) -> list[float]:
+        return measure_timed(space, list(archs), self, **kw)
 
     # ------------------------------------------------------------------ running
 
@@ -532,12 +558,16 @@ class Device(abc.ABC):
         )
 
 
+@register_hardware("cpu")
 class CpuDevice(Device):
     """Torch eager on the CPU with ``torch.set_num_threads(threads)``.
 
     The thread count is process-global in torch; the runner re-applies it before a call whenever
     something else changed it.
     """
+
+    def __init__(self, name: str = "cpu", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
 
     def _compile(self, module: nn.Module, input_shape: tuple[int, ...]) -> Callable[[], Any]:
         threads = self.threads
@@ -554,6 +584,7 @@ class CpuDevice(Device):
         return call
 
 
+@register_hardware("onnxruntime")
 class OnnxRuntimeDevice(Device):
     """ONNX Runtime on the CPU (``CPUExecutionProvider``), float32.
 
@@ -570,6 +601,7 @@ class OnnxRuntimeDevice(Device):
     """
 
     extra_options = {"opset": None}
+    trust_bar = {"within_10pct": 0.90, "spearman": 0.93}
 
     def __init__(self, name: str = "onnxruntime", **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
@@ -622,6 +654,7 @@ class OnnxRuntimeDevice(Device):
         return call
 
 
+@register_hardware("cuda")
 class CudaDevice(Device):
     """Torch on a CUDA GPU. The runner synchronizes after each call; :meth:`measure` times calls
     with CUDA events (``torch.cuda.Event(enable_timing=True)``) instead of the host clock.
@@ -692,22 +725,14 @@ class CudaDevice(Device):
             return start.elapsed_time(end) * 1e6  # elapsed_time is in ms
 
 
-_DEVICE_CLASSES: dict[str, type[Device]] = {
-    "cpu": CpuDevice,
-    "onnxruntime": OnnxRuntimeDevice,
-    "cuda": CudaDevice,
-}
-
-
 def build_device(name: str, **kwargs: Any) -> Device:
-    """Build the device called ``name`` (one of :data:`DEVICE_NAMES`) with the given options.
+    """Build the timed device called ``name`` (one of :data:`DEVICE_NAMES`) with the given options.
 
-    ``build_device(**cfg)`` works for the configs in ``conf/hardware/``. Raises :class:`UserError`
-    for an unknown name, for ``cuda`` without a CUDA device, and for invalid options.
+    Raises :class:`UserError` for an unknown name, for ``cuda`` without a CUDA device, and for
+    invalid options. (:func:`nas.latency.hardware.create_hardware` also knows the analytic ones.)
     """
-    cls = _DEVICE_CLASSES.get(str(name))
-    if cls is None:
+    if str(name) not in DEVICE_NAMES:
         raise UserError(
             f"unknown hardware '{name}'; choose one of: {', '.join(DEVICE_NAMES)} (conf/hardware/)"
         )
-    return cls(str(name), **kwargs)
+    return create_hardware(str(name), **kwargs)

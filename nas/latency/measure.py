@@ -50,16 +50,16 @@ def measurement_method(device, rel_ci: float | None, max_repeats: int | None,
     return {
         "statistic": "median of per-call ratios t_item / mean(t_ref_before, t_ref_after), times the "
                      "reference's median ms of the table pass",
-        "warmup": getattr(device, "warmup", None),
-        "repeats": getattr(device, "repeats", None),
+        "warmup": device.warmup,
+        "repeats": device.repeats,
         "rel_ci": rel_ci,
         "max_repeats": max_repeats,
         "max_seconds": max_seconds,
         "warm_calls": warm_calls,
         "preempted_calls": "left out (adaptive mode, involuntary context switch during the call)",
-        "threads": getattr(device, "threads", None),
+        "threads": device.threads,
         "thread_pool": getattr(device, "thread_pool", None),
-        "batch_size": getattr(device, "batch_size", None),
+        "batch_size": device.batch_size,
         "order": "shuffled rounds, one reference call between every two item calls",
     }
 
@@ -71,7 +71,7 @@ def measurement_method(device, rel_ci: float | None, max_repeats: int | None,
 NET_GROUP = 8
 
 
-def measure_archs(space: SearchSpace, archs: list[Arch], device, *, reference_ms: float | None = None,
+def measure_timed(space: SearchSpace, archs: list[Arch], device, *, reference_ms: float | None = None,
                   progress: bool = False, desc: str = "measuring subnets", rel_ci: float | None = None,
                   max_repeats: int | None = None, max_seconds: float | None = None,
                   warm_calls: int = DEFAULT_WARM_CALLS, details: list | None = None,
@@ -81,12 +81,10 @@ def measure_archs(space: SearchSpace, archs: list[Arch], device, *, reference_ms
     With ``reference_ms`` (a table's reference time) the result is the measured ratio to the
     reference times that value: in the table's own units, immune to the machine's speed drifting
     between the table's pass and this one. With ``rel_ci`` the measurement is adaptive (see
-    :meth:`nas.devices.Device.measure`). On an :class:`AnalyticDevice` the nets are counted.
+    :meth:`nas.latency.devices.Device.measure`).
     ``details`` (a list) receives the raw statistics of the measurement (one dict per net, then the
     reference's).
     """
-    if isinstance(device, AnalyticDevice):
-        return [device.count(*arch_net(space, a)) for a in archs]
     size = len(archs) if not group else max(1, int(group))
     chunks = [list(range(i, min(i + size, len(archs)))) for i in range(0, len(archs), size)]
     out: list[float] = []
@@ -105,3 +103,8 @@ def measure_archs(space: SearchSpace, archs: list[Arch], device, *, reference_ms
     return out
 
 
+
+
+def measure_archs(space: SearchSpace, archs: list[Arch], device, **kw: Any) -> list[float]:
+    """End-to-end cost of each architecture on ``device`` (timed in groups, or counted where exact)."""
+    return device.measure_nets(space, archs, **kw)

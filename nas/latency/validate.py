@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from nas.io import atomic_write_text
-from nas.latency.analytic import AnalyticDevice
 from nas.latency.items import validation_archs
 from nas.latency.measure import NET_GROUP, clean_fraction, measure_archs
 from nas.latency.table import LatencyTable
@@ -115,7 +114,7 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
     labelled = validation_archs(space, num_classes, samples, seed)
     archs = [a for _, a in labelled]
     predicted = [table.predict(a) for a in archs]
-    ref_ms = None if isinstance(device, AnalyticDevice) else table.meta.get("reference_ms")
+    ref_ms = table.meta.get("reference_ms") if device.timed else None
     t0 = time.perf_counter()
     kw = dict(reference_ms=ref_ms, rel_ci=rel_ci, max_repeats=max_repeats, max_seconds=max_seconds,
               warm_calls=warm_calls)
@@ -140,7 +139,7 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
         "samples": samples,
         "seed": seed,
         "device": table.meta.get("device"),
-        "device_fingerprint": getattr(device, "fingerprint_id", lambda: None)(),
+        "device_fingerprint": device.fingerprint_id(),
         "in_calibration": sum(tuple(sorted(a.choices.items())) in calib for a in archs),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(seconds, 2),
@@ -152,7 +151,7 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
     if second is not None:
         summary["retest"] = retest_stats(measured, second)
         summary["vs_retest"] = validation_stats(predicted, second)
-    if not isinstance(device, AnalyticDevice):
+    if device.timed:
         summary["load_avg"] = _load_avg()
         summary["clean_fraction"] = clean_fraction({str(i): d for i, d in enumerate(details)})
         table_ref = table.meta.get("reference_ms")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -23,12 +23,24 @@ class SearchStrategy(pl.LightningModule):
     """
 
     name = "base"
+    #: True where one search serves one target (ProxylessNAS: the latency term pulls towards it);
+    #: ``nas-search`` then runs one search per target. False: one search exports every target.
+    one_target_per_search = False
 
-    def __init__(self, supernet: Supernet, cost_model: CostModel, target: float | None = None):
+    def __init__(self, supernet: Supernet, cost_model: CostModel,
+                 targets: Mapping[str, float] | Sequence[float | str] | float | str | None = None):
+        """``targets``: ``{export label: value in the cost model's unit}`` as
+        :meth:`CostModel.resolve_targets` gives, or the raw ``strategy.targets`` list to resolve."""
         super().__init__()
         self.supernet = supernet
         self.cost_model = cost_model
-        self.target = target
+        if targets is not None and not isinstance(targets, Mapping):
+            targets = cost_model.resolve_targets(targets)
+        self.targets: dict[str, float] = {str(k): float(v) for k, v in (targets or {}).items()}
+        if self.one_target_per_search and len(self.targets) > 1:
+            raise ValueError(f"{type(self).__name__} searches for one target at a time, got {len(self.targets)}")
+        #: the largest target (the one target of a one-target strategy); None without targets
+        self.target: float | None = max(self.targets.values()) if self.targets else None
         # architecture parameters stay out of DDP's gradient buckets: strategies reduce them themselves
         # (op logits ``*.alpha`` and width logits ``width_alpha.*``: every parameter arch_parameters() returns)
         arch = {id(a) for a in supernet.arch_parameters()}
@@ -55,8 +67,17 @@ class SearchStrategy(pl.LightningModule):
         raise NotImplementedError
 
     def derive_all(self) -> dict[str, Arch]:
-        """Every architecture this strategy exports, by label (default: the one from :meth:`derive`)."""
-        return {"best": self.derive()}
+        """Every architecture this strategy exports, by label (default: the one from :meth:`derive`,
+        labelled by its target)."""
+        return {next(iter(self.targets), "best"): self.derive()}
+
+    def export_target(self, label: str) -> float | None:
+        """The target (in the cost model's unit) the export ``label`` stands for."""
+        return self.targets.get(label, self.target)
+
+    def extra_plots(self) -> dict[str, Any]:
+        """``{file name: function(path)}`` of plots beside every export (none by default)."""
+        return {}
 
     # ------------------------------------------------------------------ distributed
     @property

@@ -281,14 +281,14 @@ class PruningState:
 class DDPNASSearch(SearchStrategy):
     name = "ddpnas"
 
-    def __init__(self, supernet, cost_model, target: float | None = None, *, steps: int = 3,
+    def __init__(self, supernet, cost_model, targets=None, *, steps: int = 3,
                  temperature: float = 100.0, update: str = "additive", momentum_weight: float = 0.5,
                  warmup_epochs: int = 0, latency_weight: float = 0.0,
-                 budgets: Sequence[float | str] | None = None, budget_value: str = "log",
+                 budget_value: str = "log",
                  budget_bins: int = 2000, budget_floor: float = 0.95, weight_lr: float = 0.05, weight_momentum: float = 0.9,
                  weight_decay: float = 4e-5, nesterov: bool = True, label_smoothing: float = 0.0,
                  grad_clip: float = 5.0, seed: int | None = None):
-        super().__init__(supernet, cost_model, target)
+        super().__init__(supernet, cost_model, targets)
         if supernet.space.has_widths:
             raise UserError(f"strategy=ddpnas searches op choices only, and space={supernet.space.name} has width "
                             f"decisions; use strategy=slimmable (strategy.module.ops=search searches ops too) or "
@@ -303,9 +303,9 @@ class DDPNASSearch(SearchStrategy):
         if float(latency_weight) < 0:
             raise UserError(f"strategy.module.latency_weight={latency_weight} must be >= 0 "
                             f"(accuracy x (target / latency) ** w; MnasNet uses 0.07)")
-        if float(latency_weight) > 0 and target is None:
+        if float(latency_weight) > 0 and self.target is None:
             raise UserError("strategy.module.latency_weight > 0 needs a latency target: set "
-                            "strategy.latency_target (e.g. 0.5) or latency_weight=0")
+                            "strategy.targets (e.g. strategy.targets=[0.5]) or latency_weight=0")
         self.automatic_optimization = False
         self.supernet.set_gate("one")
         self.space = supernet.space
@@ -324,7 +324,6 @@ class DDPNASSearch(SearchStrategy):
             raise UserError(f"strategy.module.budget_floor={budget_floor} must be in [0, 1] (a fraction of each "
                             f"budget an export should at least cost; 0 = no floor)")
         self.budget_floor = float(budget_floor)
-        self.budgets = self._resolve_budgets(budgets)  # label -> ms (or the cost model's unit)
         self.weight_opt_args = dict(lr=weight_lr, momentum=weight_momentum, weight_decay=weight_decay,
                                     nesterov=nesterov)
         self.label_smoothing = float(label_smoothing)
@@ -334,20 +333,6 @@ class DDPNASSearch(SearchStrategy):
         self._recorded_epoch = -1  # the last epoch whose accuracy was booked
         self._val = torch.zeros(2, dtype=torch.float64)  # correct, seen (this validation epoch)
         self._gen: torch.Generator | None = None
-
-    def _resolve_budgets(self, budgets) -> dict[str, float]:
-        if budgets is None:
-            return {f"budget_{self.target:.4g}{self.cost_model.unit}": float(self.target)} if self.target else {}
-        if isinstance(budgets, (str, int, float)):
-            budgets = [budgets]
-        out: dict[str, float] = {}
-        for b in budgets:
-            ms = self.cost_model.resolve_target(b)
-            if ms is None:
-                continue
-            label = f"budget_{b:g}" if isinstance(b, (int, float)) else f"budget_{str(b).strip()}"
-            out[label.replace("/", "_").replace(" ", "")] = float(ms)
-        return out
 
     # ------------------------------------------------------------------ helpers
     def arch_of(self, path: Sequence[int]) -> Arch:
@@ -393,13 +378,9 @@ class DDPNASSearch(SearchStrategy):
         pick = group_knapsack(values, costs, budget - self.cost_model.fixed, bins=self.budget_bins, min_cost=floor)
         return None if pick is None else self.arch_of(pick)
 
-    def export_target(self, label: str, default: float | None = None) -> float | None:
-        """The budget (in the cost model's unit) an export stands for; the argmax keeps the run's target."""
-        return self.budgets.get(label, default)
-
     def derive_all(self) -> dict[str, Arch]:
         out = {"argmax": self.derive()}
-        for label, ms in self.budgets.items():
+        for label, ms in self.targets.items():
             arch = self.derive_budget(ms)
             if arch is None:  # resolve_target keeps budgets reachable; only float noise could land here
                 print(f"warning: no architecture fits the budget {label} = {ms:.4g} {self.cost_model.unit}")

@@ -70,8 +70,9 @@ def latency_loss(ce: torch.Tensor, expected: torch.Tensor, target: float | None,
 
 class ProxylessSearch(SearchStrategy):
     name = "proxyless"
+    one_target_per_search = True
 
-    def __init__(self, supernet, cost_model, target: float | None = None, *, gate: str = "one",
+    def __init__(self, supernet, cost_model, targets=None, *, gate: str = "one",
                  warmup_epochs: int = 2, weight_lr: float = 0.05, weight_momentum: float = 0.9,
                  weight_decay: float = 4e-5, nesterov: bool = True, arch_lr: float = 0.006,
                  arch_betas: tuple[float, float] = (0.0, 0.999), arch_every: int = 1,
@@ -79,7 +80,7 @@ class ProxylessSearch(SearchStrategy):
                  loss_lambda: float = 0.1, label_smoothing: float = 0.0, grad_clip: float = 5.0,
                  derive: str = "argmax", budget_floor: float = 0.95, width_baseline_decay: float = 0.9,
                  max_width_combos: int = 2048):
-        super().__init__(supernet, cost_model, target)
+        super().__init__(supernet, cost_model, targets)
         if not 0.0 <= float(width_baseline_decay) < 1.0:
             raise UserError(f"strategy.module.width_baseline_decay={width_baseline_decay} must be in [0, 1)")
         self.width_baseline_decay = float(width_baseline_decay)

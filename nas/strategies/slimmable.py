@@ -60,18 +60,6 @@ BUDGET_BAND = 0.85
 BUDGET_POOL = 20000
 
 
-def target_label(target: float | str) -> str:
-    """Export folder name of a target: ``0.3`` -> ``t0.30``, ``"2.5ms"`` -> ``t2.5ms``."""
-    if isinstance(target, str):
-        text = target.strip().lower()
-        try:
-            target = float(text)
-        except ValueError:
-            return "t" + text.replace(" ", "")
-    t = float(target)
-    return f"t{t:.2f}" if t <= 1 else f"t{t:g}"
-
-
 def soft_cross_entropy(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy of ``logits`` against soft targets (scaled by T^2 as in Hinton et al.)."""
     logp = F.log_softmax(logits / temperature, dim=1)
@@ -243,8 +231,7 @@ def greedy_slim(space: SearchSpace, base_choices: Mapping[str, str], num_classes
 class SlimmableSearch(SearchStrategy):
     name = "slimmable"
 
-    def __init__(self, supernet, cost_model, target: float | None = None, *,
-                 targets: Sequence[float | str] | float | str | None = (0.4, 0.6, 0.8), bn: str = "switchable",
+    def __init__(self, supernet, cost_model, targets=(0.4, 0.6, 0.8), *, bn: str = "switchable",
                  n_random: int = 2, distill: bool = True, distill_temperature: float = 1.0, distill_weight: float = 0.5,
                  reorder: str | None = None, ops: str = "largest", warmup_epochs: int = 0,
                  weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
@@ -283,7 +270,7 @@ class SlimmableSearch(SearchStrategy):
             from supernets.supernet import Supernet
 
             supernet = Supernet(space, supernet.num_classes, weight_sharing=supernet.weight_sharing, bn=bn)
-        super().__init__(supernet, cost_model, target)
+        super().__init__(supernet, cost_model, targets)
         self.automatic_optimization = False
         self.bn = bn
         self.n_random = int(n_random)
@@ -317,7 +304,7 @@ class SlimmableSearch(SearchStrategy):
         self.widest = [max(ws) for ws in space.stage_widths]
         self.narrowest = [min(ws) for ws in space.stage_widths]
         self.supernet.set_active(self.arch_for(self.widest))  # fixed ops, widest widths
-        self.targets = self._resolve_targets(targets)
+        self._check_targets()
         self.last_sandwich: list[list[int]] = []  # the widths trained in the last step (widest first)
         self.last_ops: list[list[str]] = []  # and the ops of every layer in each of them
         self._datamodule = None
@@ -331,28 +318,20 @@ class SlimmableSearch(SearchStrategy):
         choices = {**(ops or self.base_choices), **{width_decision(s + 1): width_choice(w) for s, w in enumerate(widths)}}
         return self.supernet.space.make_arch(choices, self.supernet.num_classes)
 
-    def _resolve_targets(self, targets) -> dict[str, float]:
-        if targets is None or (not isinstance(targets, (str, int, float)) and len(targets) == 0):
+    def _check_targets(self) -> None:
+        """Every target is reachable by the narrowest net this strategy trains."""
+        if not self.targets:
             raise UserError("strategy.targets is empty; give one or more latency targets, e.g. "
                             "strategy.targets=[0.3,0.5,0.7] (fractions of the largest net) or ['2.5ms']")
-        targets = [targets] if isinstance(targets, (str, int, float)) else list(targets)
         lo = self.cost_model.predict(self.arch_for(self.narrowest, self.small_choices))
         hi = self.cost_model.predict(self.arch_for(self.widest))
         unit = self.cost_model.unit
-        out: dict[str, float] = {}
-        for t in targets:
-            value = self.cost_model.resolve_target(t)
+        for label, value in self.targets.items():
             if value < lo:
-                raise UserError(f"target {t!r} = {value:.4g} {unit} is below the narrowest network this strategy "
-                                f"can reach ({lo:.4g} {unit}: every stage at its narrowest width, ops "
+                raise UserError(f"target {label[1:]} = {value:.4g} {unit} is below the narrowest network this "
+                                f"strategy can reach ({lo:.4g} {unit}: every stage at its narrowest width, ops "
                                 f"{sorted(set(self.small_choices.values()))}; fraction {lo / hi:.3f} of the widest); "
                                 f"choose targets >= {lo:.4g}{unit} or fractions >= {lo / hi:.3f}")
-            out[target_label(t)] = value
-        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-
-    def export_target(self, label: str, default: float | None = None) -> float | None:
-        """The target (in the cost model's unit) an export stands for."""
-        return self.targets.get(label, default)
 
     # ------------------------------------------------------------------ data and optimizers
     def train_loaders(self, datamodule):

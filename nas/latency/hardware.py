@@ -1,0 +1,93 @@
+"""The one interface every ``hardware=`` option implements: timed devices and analytic counts alike.
+
+An app or a strategy holds a :class:`Hardware` and never asks which kind it is:
+
+* :meth:`cost_model` gives the additive cost model of a space on it (a measured latency table for
+  a timed device, cached and built when missing; an exact count for ``flops`` / ``params``);
+* :meth:`measure_nets` measures (or counts) whole subnets end to end;
+* :attr:`timed` says whether repeated measurements can differ (what a test-retest means).
+
+Every option of ``conf/hardware/`` names its class with ``_target_``; :func:`create_hardware` builds
+one by name for library users (``create_hardware("onnxruntime", threads=1)``).
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from nas.errors import UserError
+
+if TYPE_CHECKING:
+    from nas.latency.cost import CostModel
+    from supernets.arch import Arch
+    from supernets.space import SearchSpace
+
+
+class Hardware(abc.ABC):
+    """What the apps need of a target: its identity, a cost model per space, whole-net measurement."""
+
+    name: str
+    threads: int
+    batch_size: int
+    #: True where a measurement is timed (and so varies); False for an exact count.
+    timed: bool = True
+    #: The unit of :meth:`measure_nets` (``ms``, ``MFLOPs``, ``Mparams``).
+    unit: str = "ms"
+    #: What a latency table's validation must reach to be used without the user's say (None: exact).
+    trust_bar: dict[str, float] | None = None
+
+    @abc.abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What determines the measured costs (JSON-serialisable, stable for one machine and config)."""
+
+    def fingerprint_id(self) -> str:
+        """A short (12 hex digits) sha1 of the sorted-key JSON of :meth:`fingerprint`."""
+        blob = json.dumps(self.fingerprint(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
+
+    @abc.abstractmethod
+    def cost_model(self, space: SearchSpace, num_classes: int, *, cache_dir: str | None = None,
+                   rebuild: bool = False, path: str | None = None, progress: bool = True,
+                   log: Callable[[str], Any] = print, accept_untrusted: bool = False) -> CostModel:
+        """The additive cost model of ``space`` on this hardware."""
+
+    @abc.abstractmethod
+    def measure_nets(self, space: SearchSpace, archs: Sequence[Arch], *, reference_ms: float | None = None,
+                     **kw: Any) -> list[float]:
+        """End-to-end cost of each architecture's static net (see :func:`nas.latency.measure.measure_archs`)."""
+
+
+_REGISTRY: dict[str, Callable[..., Hardware]] = {}
+
+
+def register_hardware(*names: str):
+    """Class decorator: ``create_hardware(name)`` builds this class (like timm's ``register_model``)."""
+
+    def deco(cls):
+        for n in names:
+            _REGISTRY[n] = cls
+        return cls
+
+    return deco
+
+
+def hardware_names() -> tuple[str, ...]:
+    _load_builtin()
+    return tuple(_REGISTRY)
+
+
+def create_hardware(name: str, **kwargs: Any) -> Hardware:
+    """Build the hardware called ``name`` (``cpu``, ``onnxruntime``, ``cuda``, ``flops``, ``params``)."""
+    _load_builtin()
+    cls = _REGISTRY.get(str(name))
+    if cls is None:
+        raise UserError(f"unknown hardware '{name}'; choose one of: {', '.join(_REGISTRY)} (conf/hardware/)")
+    return cls(name=str(name), **kwargs)
+
+
+def _load_builtin() -> None:
+    # the built-in classes register themselves on import
+    import nas.latency.analytic  # noqa: F401
+    import nas.latency.devices  # noqa: F401
