@@ -199,14 +199,14 @@ def test_slimmable_bench_smoke(tmp_path):
                  "out": str(tmp_path / "again")}, ["export.calib_batches=2"])
     assert [r["alone_acc"] for r in again["per_seed"][0]["rows"]] == [r["alone_acc"] for r in res["per_seed"][1]["rows"]]
     assert all(r["alone_acc"] is not None for r in again["per_seed"][1]["rows"])  # seed 2 was not there: trained
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         run({**opts, "epochs": "2", "alone": str(tmp_path / "slimmable_bench.json")}, ["export.calib_batches=2"])
     skip = run({**opts, "seeds": "0", "n_random": "0", "alone": "skip", "out": str(tmp_path / "skip")},
                ["export.calib_batches=2"])
     assert all(w["alone"] is None and w["diff"] is None for w in skip["summary"]["widths"])
     assert "— (alone=skip)" in (tmp_path / "skip" / "slimmable_bench.md").read_text()
     # retrain=true (AutoSlim's protocol): every export trained from scratch, against the widths trained alone
-    with pytest.raises(SystemExit, match="alone=skip"):
+    with pytest.raises(UserError, match="slimmable.alone=train"):
         run({**opts, "alone": "skip", "retrain": "true"})
     re = run({**opts, "seeds": "0", "uniform_check": "false", "retrain": "true",
               "alone": str(tmp_path / "slimmable_bench.json"), "out": str(tmp_path / "re")}, ["export.calib_batches=2"])
@@ -218,3 +218,29 @@ def test_slimmable_bench_smoke(tmp_path):
     assert interpolate(1.5, [1.0, 2.0], [10.0, 20.0]) == pytest.approx(15.0)
     assert interpolate(2.0, [2.0, 1.0], [20.0, 10.0]) == pytest.approx(20.0)
     assert interpolate(3.0, [1.0, 2.0], [10.0, 20.0]) is None
+
+
+def test_slimmable_suite_is_a_nas_bench_suite(tmp_path):
+    """``nas-bench suite=slimmable``: Hydra options (no parser of its own) -> bench.json and bench.md."""
+    from nas.apps.bench import run_bench
+    from nas.bench.slimmable import options
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            "suite=slimmable", f"out={tmp_path}", "slimmable.epochs=1", "slimmable.alone=skip",
+            "slimmable.targets=[0.6]", "slimmable.module.n_random=0", "slimmable.module.fill=false",
+            "slimmable.overrides=['export.calib_batches=2']"], return_hydra_config=False)
+    opts, extra = options(cfg.slimmable)
+    assert opts["targets"] == "0.6" and opts["n_random"] == "0" and opts["fill"] == "false"
+    assert "bn" not in opts  # unset: the strategy's own default
+    assert extra == ["export.calib_batches=2"]
+    with pytest.raises(UserError, match="slimmable.epoch is unknown"):
+        options({**cfg.slimmable, "epoch": 3})
+    with pytest.raises(UserError, match="slimmable.module.gate is not an option"):
+        options({**cfg.slimmable, "module": {"gate": "one"}})
+    run_bench(cfg)
+    results = json.loads((tmp_path / "bench.json").read_text())
+    searched = results["slimmable"]["summary"]["searched"]
+    assert [f["label"] for f in searched] == ["t0.60"] and searched[0]["cost"] <= searched[0]["target"] + 1e-9
+    assert "`nas-bench suite=slimmable " in results["markdown_slimmable"]
+    assert "| x0.25 |" in (tmp_path / "bench.md").read_text()

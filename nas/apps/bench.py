@@ -3,9 +3,11 @@
     nas-bench suite=memory            # peak memory and step time: gate one / two / full vs a standalone net
     nas-bench suite=lut               # latency-table accuracy on every device available here
     nas-bench suite=search            # searched vs best-of-k random vs uniformly scaled, at equal latency
+    nas-bench suite=slimmable         # slimmable training vs each width alone; width search vs uniform widths
     nas-bench suite=all out=bench/    # everything: markdown on stdout, bench.json, bench.md, PNG plots
 
-Each suite lives in its own module (:mod:`nas.bench.memory`, :mod:`nas.bench.search`; the LUT suite
+Each suite lives in its own module (:mod:`nas.bench.memory`, :mod:`nas.bench.search`,
+:mod:`nas.bench.slimmable`; the LUT suite
 calls :func:`nas.latency.validate.validate_table`). Results of a suite replace that suite's entry in
 ``<out>/bench.json``, so suites run one at a time into the same folder add up. Returns the search
 suite's mean advantage of the strategies over the best random architecture (test accuracy points),
@@ -23,18 +25,31 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nas.apps.common import CONF_DIR, instantiate, make_device, make_space, user_errors
+from nas.apps.common import (
+    CONF_DIR,
+    hydra_entry,
+    instantiate,
+    make_cost_model,
+    make_device,
+    make_space,
+    user_errors,
+)
+from nas.bench import memory as bm
+from nas.bench import search as bs
+from nas.bench import slimmable as bsl
 from nas.errors import UserError
+from nas.io import atomic_write_text, json_default
+from nas.latency.build import build_latency_table, table_path
+from nas.latency.devices import _processor_name
+from nas.latency.table import LatencyTable
+from nas.latency.validate import plot_report, summary_line, validate_table
 
-try:  # exit code 2 for command-line mistakes, as the other apps (when nas.apps.common provides it)
-    from nas.apps.common import hydra_entry
-except ImportError:  # pragma: no cover
-    def hydra_entry(app):
-        return app
-
+#: ``suite=all`` runs these; ``slimmable`` (long) runs only when named
 SUITES = ("memory", "lut", "search")
+EXTRA_SUITES = ("slimmable",)
 RESULTS_FILE = "bench.json"
 MARKDOWN_FILE = "bench.md"
 
@@ -47,39 +62,24 @@ def _suites(value: Any) -> list[str]:
     names = [s.strip() for s in str(value).split(",") if s.strip()]
     if names == ["all"]:
         return list(SUITES)
-    bad = [s for s in names if s not in SUITES]
+    bad = [s for s in names if s not in (*SUITES, *EXTRA_SUITES)]
     if bad or not names:
-        raise UserError(f"suite={value!r} unknown; choose one of: {', '.join(SUITES)}, all "
+        raise UserError(f"suite={value!r} unknown; choose one of: {', '.join((*SUITES, *EXTRA_SUITES))}, all "
                         f"(or several, comma-separated: suite=memory,lut)")
     return names
 
 
 def _machine() -> dict[str, Any]:
-    import torch
-
-    from nas.latency.devices import _processor_name
-
     return {"processor": _processor_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    from nas.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
+    atomic_write_text(path, json.dumps(data, indent=1, default=json_default))
 
 
 # ---------------------------------------------------------------------- the three suites
 def run_memory(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
-    from . import bench_memory as bm
 
     space = make_space(cfg.space)
     m = cfg.memory
@@ -100,12 +100,6 @@ def run_memory(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
 
 def run_lut(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     """Build (or load from the cache) each available device's table and validate it end to end."""
-    import torch
-
-    from nas.latency.build import build_latency_table, table_path
-    from nas.latency.table import LatencyTable
-    from nas.latency.validate import plot_report, summary_line, validate_table
-
     space = make_space(cfg.space)
     c = cfg.lut
     num_classes = int(c.num_classes)
@@ -171,11 +165,6 @@ def run_lut(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
 
 
 def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
-    import torch
-
-    from nas.apps.common import make_cost_model
-
-    from . import bench_search as bs
 
     s = cfg.search
     space = make_space(cfg.space)
@@ -202,8 +191,15 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     return res, bs.markdown(res)
 
 
+def run_slimmable(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
+    """Slimmable training vs each width alone, and the width search vs uniform widths (``slimmable:``)."""
+    opts, overrides = bsl.options(OmegaConf.to_container(cfg.slimmable, resolve=True))
+    res = bsl.run({**opts, "out": str(out)}, overrides)
+    return res, (out / "slimmable_bench.md").read_text()
+
+
 RUNNERS: dict[str, Callable[[DictConfig, Path], tuple[dict[str, Any], str]]] = {
-    "memory": run_memory, "lut": run_lut, "search": run_search}
+    "memory": run_memory, "lut": run_lut, "search": run_search, "slimmable": run_slimmable}
 
 
 def _metric(results: dict[str, Any]) -> float:
@@ -251,8 +247,7 @@ def run_bench(cfg: DictConfig) -> float:
         _log(f"suite {name}: done in {res['wall_seconds'] / 60:.1f} min")
         sections.append(md)
         print(md + "\n", flush=True)
-    md_all = "\n\n".join(results[f"markdown_{n}"] for n in SUITES if f"markdown_{n}" in results)
-    from nas.io import atomic_write_text
+    md_all = "\n\n".join(results[f"markdown_{n}"] for n in (*SUITES, *EXTRA_SUITES) if f"markdown_{n}" in results)
 
     atomic_write_text(out / MARKDOWN_FILE, f"<!-- {command} -->\n\n{md_all}\n")
     _log(f"nas-bench: {', '.join(suites)} in {(time.perf_counter() - t_all) / 60:.1f} min -> {path}, "

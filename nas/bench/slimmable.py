@@ -1,10 +1,10 @@
-"""Slimmable training vs. each width trained alone, and the width search vs. uniform widths
-(issue 4's acceptance measurements).
+"""``nas-bench suite=slimmable``: slimmable training vs. each width trained alone, and the width search
+vs. uniform widths.
 
-    python -m nas.bench.slimmable data=digits epochs=10 seeds=0,1,2
-    python -m nas.bench.slimmable data=texshapes_width epochs=10 seeds=0,1,2 jobs=2
-    python -m nas.bench.slimmable space=mbv2_small_slim hardware=onnxruntime hardware.threads=1 \\
-        targets=0.5,0.7,0.9 seeds=0,1,2 jobs=2 out=/tmp/slim_ort
+    nas-bench suite=slimmable slimmable.data=digits slimmable.epochs=10 'slimmable.seeds=[0,1,2]'
+    nas-bench suite=slimmable slimmable.data=texshapes_width 'slimmable.seeds=[0,1,2]' slimmable.jobs=2
+    nas-bench suite=slimmable slimmable.space=mbv2_small_slim slimmable.hardware=onnxruntime \\
+        "slimmable.overrides=['hardware.threads=1']" 'slimmable.targets=[0.5,0.7,0.9]' 'slimmable.seeds=[0,1,2]'
 
 Per seed: one slimmable supernet (sandwich rule, in-place distillation, ``bn`` switchable or shared)
 is trained for ``epochs`` epochs; every uniform width of the space (each multiplier of its
@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
+
+from nas.errors import UserError
 
 OPTS = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "10", "seeds": "0",
         "jobs": "1", "bn": "", "n_random": "", "random_widths": "", "distill": "", "distill_weight": "", "out": "",
@@ -57,20 +58,30 @@ STRATEGY_KEYS = ("bn", "n_random", "random_widths", "distill", "distill_weight",
                  "min_fraction")
 
 
-def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    opts, extra = dict(OPTS), []
-    for a in argv:
-        if "=" not in a:
-            raise SystemExit(f"arguments are key=value (keys: {', '.join(OPTS)}, or dotted Hydra overrides such "
-                             f"as data.n_train=10000); got {a!r}")
-        k, v = a.split("=", 1)
-        if "." in k.lstrip("+~"):
-            extra.append(a)
-        elif k in OPTS:
-            opts[k] = v
-        else:
-            raise SystemExit(f"unknown key {k!r}; keys: {', '.join(OPTS)}, or dotted Hydra overrides")
-    return opts, extra
+def options(c: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """The suite's options from ``conf/bench.yaml``'s ``slimmable:`` section (a mapping): the string
+    options :func:`run` takes (unset strategy options: conf/strategy/slimmable.yaml), and the Hydra
+    overrides of ``nas-search``'s config (``slimmable.overrides``)."""
+    def text(v: Any) -> str:
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, Sequence) and not isinstance(v, str):
+            return ",".join(text(x) for x in v)
+        return str(v)
+
+    unknown = sorted(set(c) - set(OPTS) - {"module", "overrides"})
+    if unknown:
+        raise UserError(f"slimmable.{unknown[0]} is unknown; the suite's keys: {', '.join(sorted(OPTS))}, module, "
+                        f"overrides")
+    module = dict(c.get("module") or {})
+    bad = sorted(set(module) - set(STRATEGY_KEYS))
+    if bad:
+        raise UserError(f"slimmable.module.{bad[0]} is not an option of the suite; choose from {', '.join(STRATEGY_KEYS)}")
+    opts = {k: text(v) for k, v in c.items() if k in OPTS}
+    opts.update({k: text(v) for k, v in module.items() if v is not None})
+    return opts, [str(o) for o in (c.get("overrides") or [])]
 
 
 def _compose(opts: dict[str, str], extra: list[str], seed: int):
@@ -199,7 +210,7 @@ def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any
 def _flag(v: str) -> bool:
     v = str(v).lower()
     if v not in ("1", "true", "yes", "0", "false", "no"):
-        raise SystemExit(f"{v!r} is not a switch; give true or false")
+        raise UserError(f"{v!r} is not a switch; give true or false")
     return v in ("1", "true", "yes")
 
 
@@ -209,12 +220,12 @@ def _earlier_alone(opts: dict[str, str], extra: list[str], seed: int) -> dict[tu
     slimmable settings can be compared without training the baselines again."""
     path = Path(opts["alone"])
     if not path.is_file():
-        raise SystemExit(f"alone={path}: not a file; give alone=train or an earlier run's slimmable_bench.json")
+        raise UserError(f"slimmable.alone={path}: not a file; give slimmable.alone=train or an earlier run's slimmable_bench.json")
     old = json.loads(path.read_text())
     same = ("data", "space", "epochs")
     if any(old["opts"][k] != opts[k] for k in same) or old["overrides"] != extra:
         theirs = ", ".join(f"{k}={old['opts'][k]}" for k in same)
-        raise SystemExit(f"alone={path} was run with other settings ({theirs}, overrides {old['overrides']}); "
+        raise UserError(f"slimmable.alone={path} was run with other settings ({theirs}, overrides {old['overrides']}); "
                          f"its baselines do not apply")
     for s in old["per_seed"]:
         if s["seed"] == seed and all(r["alone_acc"] is not None for r in s["rows"]):
@@ -362,8 +373,8 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
             opts[key] = str(module_conf[key]).lower()
     seeds = [int(s) for s in opts["seeds"].split(",") if s != ""]
     if _flag(opts["retrain"]) and opts["alone"] == "skip":
-        raise SystemExit("retrain=true compares each export, trained from scratch, with the uniform widths trained "
-                         "alone; give alone=train or alone=<an earlier slimmable_bench.json>, not alone=skip")
+        raise UserError("slimmable.retrain=true compares each export, trained from scratch, with the uniform widths "
+                        "trained alone; give slimmable.alone=train or an earlier slimmable_bench.json, not skip")
     jobs = max(1, min(int(opts["jobs"]), len(seeds)))
     t0 = time.perf_counter()
     # build (or load) the latency table once, before any training, on a quiet machine
@@ -396,8 +407,10 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(per_seed, latency)
     unit = cost.unit or "units"
     md = markdown(summary, unit, seeds, timed)
-    cmd = "python -m nas.bench.slimmable " + " ".join(f"{k}={v}" for k, v in opts.items() if v != OPTS[k] or k in
-                                                       ("data", "space", "epochs", "seeds")) + "".join(" " + e for e in extra)
+    cmd = "nas-bench suite=slimmable " + " ".join(
+        f"slimmable.{'module.' if k in STRATEGY_KEYS else ''}{k}={v}" for k, v in opts.items()
+        if k != "out" and (v != OPTS[k] or k in ("data", "space", "epochs", "seeds"))) + (
+        f" \"slimmable.overrides=[{','.join(repr(e) for e in extra)}]\"" if extra else "")
     header = (f"`{cmd}`: space {space.name}, data {opts['data']}, {opts['epochs']} epochs, bn {opts['bn']}, "
               f"n_random {opts['n_random']}, distill {opts['distill']}, cost {cost.kind} ({unit}) on {device.name}; "
               f"{(time.perf_counter() - t0) / 60:.1f} min")
@@ -417,12 +430,3 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
                          f"measured latency on {device.name} (ms)" if timed else f"{cost.kind} ({unit})", timed)
         print(f"wrote {out}/slimmable_bench.json, .md, .png", flush=True)
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    opts, extra = _parse(sys.argv[1:] if argv is None else argv)
-    run(opts, extra)
-
-
-if __name__ == "__main__":
-    main()

@@ -113,7 +113,6 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
     warm_calls = int(method.get("warm_calls", 0) or 0)
     labelled = validation_archs(space, num_classes, samples, seed)
     archs = [a for _, a in labelled]
-    predicted = [table.predict(a) for a in archs]
     ref_ms = table.meta.get("reference_ms") if device.timed else None
     t0 = time.perf_counter()
     kw = dict(reference_ms=ref_ms, rel_ci=rel_ci, max_repeats=max_repeats, max_seconds=max_seconds,
@@ -127,30 +126,12 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
                                details=details, **kw)
     seconds = time.perf_counter() - t0
     calib = {tuple(sorted(c["choices"].items())) for c in (table.meta.get("overhead") or {}).get("calibration", [])}
-    nets = []
-    for i, ((label, arch), p, m) in enumerate(zip(labelled, predicted, measured)):
-        row = {"label": label, "choices": dict(arch.choices), "predicted_ms": p, "measured_ms": m,
-               "error_pct": 100.0 * (p - m) / m}
-        if second is not None:
-            row["remeasured_ms"] = second[i]
-        nets.append(row)
-    summary: dict[str, Any] = {
-        **validation_stats(predicted, measured),
-        "samples": samples,
-        "seed": seed,
-        "device": table.meta.get("device"),
-        "device_fingerprint": device.fingerprint_id(),
-        "in_calibration": sum(tuple(sorted(a.choices.items())) in calib for a in archs),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "seconds": round(seconds, 2),
-    }
-    random_idx = [i for i, (label, _) in enumerate(labelled) if label.startswith("random")]
-    if random_idx and len(random_idx) < len(archs):
-        summary["random_only"] = validation_stats([predicted[i] for i in random_idx],
-                                                  [measured[i] for i in random_idx])
-    if second is not None:
-        summary["retest"] = retest_stats(measured, second)
-        summary["vs_retest"] = validation_stats(predicted, second)
+    report = validate_measured(
+        table, labelled, measured, second, update_meta=False, samples=samples, seed=seed,
+        device=table.meta.get("device"), device_fingerprint=device.fingerprint_id(),
+        in_calibration=sum(tuple(sorted(a.choices.items())) in calib for a in archs),
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(seconds, 2))
+    summary = report["summary"]
     if device.timed:
         summary["load_avg"] = _load_avg()
         summary["clean_fraction"] = clean_fraction({str(i): d for i, d in enumerate(details)})
@@ -160,16 +141,18 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
             now = float(details[min(len(archs), NET_GROUP)]["median_ms"])
             summary["reference_ms"] = now
             summary["reference_drift_pct"] = round(100.0 * (now / float(table_ref) - 1.0), 2)
-    report = {"space": space.name, "space_fingerprint": space.fingerprint, "unit": table.unit,
-              "summary": summary, "nets": nets}
     if update_meta:
         table.meta["validation"] = summary
     return report
 
 
 def validate_measured(table: LatencyTable, labelled: Sequence[tuple[str, Any]], measured: Sequence[float],
-                      second: Sequence[float] | None = None, **extra: Any) -> dict[str, Any]:
-    """A validation report from measurements taken elsewhere (e.g. a device kit)."""
+                      second: Sequence[float] | None = None, *, update_meta: bool = True,
+                      **extra: Any) -> dict[str, Any]:
+    """A validation report of ``table`` against end-to-end measurements (here, or from a device kit).
+
+    ``extra`` goes into the summary beside the statistics; with ``update_meta`` the summary is
+    stored as ``table.meta["validation"]``."""
     archs = [a for _, a in labelled]
     predicted = [table.predict(a) for a in archs]
     summary: dict[str, Any] = {**validation_stats(predicted, measured), **extra}
@@ -183,7 +166,8 @@ def validate_measured(table: LatencyTable, labelled: Sequence[tuple[str, Any]], 
     nets = [{"label": label, "choices": dict(a.choices), "predicted_ms": p, "measured_ms": m,
              "error_pct": 100.0 * (p - m) / m, **({"remeasured_ms": second[i]} if second is not None else {})}
             for i, ((label, a), p, m) in enumerate(zip(labelled, predicted, measured))]
-    table.meta["validation"] = summary
+    if update_meta:
+        table.meta["validation"] = summary
     return {"space": table.space.name, "space_fingerprint": table.space.fingerprint, "unit": table.unit,
             "summary": summary, "nets": nets}
 

@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from nas.errors import UserError
+from nas.errors import UserError, check_choice
 from nas.strategies.base import SearchStrategy
 from nas.strategies.knapsack import group_knapsack
 from supernets.arch import Arch
@@ -293,11 +293,8 @@ class DDPNASSearch(SearchStrategy):
             raise UserError(f"strategy=ddpnas searches op choices only, and space={supernet.space.name} has width "
                             f"decisions; use strategy=slimmable (strategy.module.ops=search searches ops too) or "
                             f"a space without widths such as space=mbv2_tiny")
-        if update not in UPDATE_RULES:
-            raise UserError(f"strategy.module.update={update!r} is unknown; choose one of {', '.join(UPDATE_RULES)}")
-        if budget_value not in BUDGET_VALUES:
-            raise UserError(f"strategy.module.budget_value={budget_value!r} is unknown; choose one of "
-                            f"{', '.join(BUDGET_VALUES)}")
+        check_choice("strategy.module.update", update, UPDATE_RULES)
+        check_choice("strategy.module.budget_value", budget_value, BUDGET_VALUES)
         if int(steps) < 1:
             raise UserError(f"strategy.module.steps={steps} must be >= 1 (rounds between two pruning steps)")
         if float(latency_weight) < 0:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nas.errors import UserError
+from nas.errors import UserError, check_choice
 from nas.strategies.base import SearchStrategy
 from nas.strategies.knapsack import group_knapsack
 from supernets.arch import Arch
@@ -88,16 +88,13 @@ class ProxylessSearch(SearchStrategy):
         self.search_widths = self.supernet.space.has_widths
         # moving average of the architecture loss: the REINFORCE baseline of the width logits (NaN: none yet)
         self.register_buffer("width_baseline", torch.tensor(float("nan")))
-        if derive not in DERIVE_RULES:
-            raise UserError(f"strategy.module.derive={derive!r} is unknown; choose one of: {', '.join(DERIVE_RULES)}")
+        check_choice("strategy.module.derive", derive, DERIVE_RULES)
         if not 0.0 <= float(budget_floor) <= 1.0:
             raise UserError(f"strategy.module.budget_floor={budget_floor} must be in [0, 1]")
         self.derive_rule = derive
         self.budget_floor = float(budget_floor)
-        if loss_form not in LOSS_FORMS:
-            raise UserError(f"strategy.module.loss_form={loss_form!r} is unknown; choose one of: {', '.join(LOSS_FORMS)}")
-        if gate not in GATE_MODES:
-            raise UserError(f"strategy.module.gate={gate!r} is unknown; choose one of: {', '.join(GATE_MODES)}")
+        check_choice("strategy.module.loss_form", loss_form, LOSS_FORMS)
+        check_choice("strategy.module.gate", gate, GATE_MODES)
         self.automatic_optimization = False
         self.supernet.set_gate(gate)
         self.gate = gate

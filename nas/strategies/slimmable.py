@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from nas.errors import UserError
+from nas.errors import UserError, check_choice
 from nas.strategies.base import SearchStrategy
 from supernets.arch import Arch
 from supernets.slimmable import BN_MODES, reorder_channels
@@ -243,16 +243,10 @@ class SlimmableSearch(SearchStrategy):
             raise UserError(f"strategy slimmable searches widths, and space {space.name!r} has none; use "
                             f"space=mbv2_tiny_slim, or give this space width multipliers, e.g. "
                             f"'+space.widths=[0.5,0.75,1.0]'")
-        if bn not in BN_MODES:
-            raise UserError(f"strategy.module.bn={bn!r} is unknown; choose one of: {', '.join(BN_MODES)}")
-        if ops not in OPS_MODES:
-            raise UserError(f"strategy.module.ops={ops!r} is unknown; choose one of: {', '.join(OPS_MODES)}")
-        if random_widths not in RANDOM_WIDTHS:
-            raise UserError(f"strategy.module.random_widths={random_widths!r} is unknown; choose one of: "
-                            f"{', '.join(RANDOM_WIDTHS)}")
-        if reorder not in (None, *REORDER):
-            raise UserError(f"strategy.module.reorder={reorder!r} is unknown; choose null or one of: "
-                            f"{', '.join(REORDER)}")
+        check_choice("strategy.module.bn", bn, BN_MODES)
+        check_choice("strategy.module.ops", ops, OPS_MODES)
+        check_choice("strategy.module.random_widths", random_widths, RANDOM_WIDTHS)
+        check_choice("strategy.module.reorder", reorder, (None, *REORDER))
         if isinstance(n_random, bool) or int(n_random) != n_random or n_random < 0:
             raise UserError(f"strategy.module.n_random={n_random!r} must be an integer >= 0 (random widths per "
                             f"batch besides the widest and the narrowest)")
