@@ -12,7 +12,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from nas.errors import UserError
-from nas.latency.hardware import Hardware, create_hardware
+from nas.latency import Hardware, create_hardware
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 

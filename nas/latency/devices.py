@@ -69,7 +69,7 @@ from torch import nn
 from nas.errors import UserError
 from nas.io import export_onnx
 from nas.latency.build import check_trusted, load_or_build_table
-from nas.latency.hardware import Hardware, create_hardware, register_hardware
+from nas.latency.hardware import REGISTRY, Hardware, register_hardware
 from nas.latency.measure import measure_timed
 from nas.latency.table import LatencyTable
 from supernets.arch import Arch
@@ -729,10 +729,10 @@ def build_device(name: str, **kwargs: Any) -> Device:
     """Build the timed device called ``name`` (one of :data:`DEVICE_NAMES`) with the given options.
 
     Raises :class:`UserError` for an unknown name, for ``cuda`` without a CUDA device, and for
-    invalid options. (:func:`nas.latency.hardware.create_hardware` also knows the analytic ones.)
+    invalid options. (:func:`nas.latency.create_hardware` also knows the analytic ones.)
     """
     if str(name) not in DEVICE_NAMES:
         raise UserError(
             f"unknown hardware '{name}'; choose one of: {', '.join(DEVICE_NAMES)} (conf/hardware/)"
         )
-    return create_hardware(str(name), **kwargs)
+    return REGISTRY[str(name)](name=str(name), **kwargs)

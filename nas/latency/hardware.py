@@ -7,8 +7,9 @@ An app or a strategy holds a :class:`Hardware` and never asks which kind it is:
 * :meth:`measure_nets` measures (or counts) whole subnets end to end;
 * :attr:`timed` says whether repeated measurements can differ (what a test-retest means).
 
-Every option of ``conf/hardware/`` names its class with ``_target_``; :func:`create_hardware` builds
-one by name for library users (``create_hardware("onnxruntime", threads=1)``).
+Every option of ``conf/hardware/`` names its class with ``_target_``; classes register a name with
+:func:`register_hardware`, and :func:`nas.latency.create_hardware` builds one by name for library
+users (``create_hardware("onnxruntime", threads=1)``).
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import abc
 import hashlib
 import json
 from typing import TYPE_CHECKING, Any, Callable, Sequence
-
-from nas.errors import UserError
 
 if TYPE_CHECKING:
     from nas.latency.cost import CostModel
@@ -59,7 +58,8 @@ class Hardware(abc.ABC):
         """End-to-end cost of each architecture's static net (see :func:`nas.latency.measure.measure_archs`)."""
 
 
-_REGISTRY: dict[str, Callable[..., Hardware]] = {}
+#: ``{name: class}`` of every registered hardware (filled as the classes' modules are imported).
+REGISTRY: dict[str, Callable[..., Hardware]] = {}
 
 
 def register_hardware(*names: str):
@@ -67,27 +67,7 @@ def register_hardware(*names: str):
 
     def deco(cls):
         for n in names:
-            _REGISTRY[n] = cls
+            REGISTRY[n] = cls
         return cls
 
     return deco
-
-
-def hardware_names() -> tuple[str, ...]:
-    _load_builtin()
-    return tuple(_REGISTRY)
-
-
-def create_hardware(name: str, **kwargs: Any) -> Hardware:
-    """Build the hardware called ``name`` (``cpu``, ``onnxruntime``, ``cuda``, ``flops``, ``params``)."""
-    _load_builtin()
-    cls = _REGISTRY.get(str(name))
-    if cls is None:
-        raise UserError(f"unknown hardware '{name}'; choose one of: {', '.join(_REGISTRY)} (conf/hardware/)")
-    return cls(name=str(name), **kwargs)
-
-
-def _load_builtin() -> None:
-    # the built-in classes register themselves on import
-    import nas.latency.analytic  # noqa: F401
-    import nas.latency.devices  # noqa: F401
