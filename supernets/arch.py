@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import yaml
+
 SCHEMA_VERSION = 1
 
 
@@ -71,8 +73,6 @@ class Arch:
         )
 
     def to_yaml(self, arch_def: list[list[str]] | None = None, extra: Mapping[str, Any] | None = None) -> str:
-        import yaml
-
         d = self.to_dict(arch_def)
         if extra:
             d.update(extra)
@@ -80,8 +80,6 @@ class Arch:
 
     @classmethod
     def from_yaml(cls, text: str) -> "Arch":
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import make_divisible
+from timm.layers import get_norm_act_layer, make_divisible
 
 from .blocks import act_layer
 from .space import Layer, parse_op
@@ -43,8 +43,6 @@ class ElasticWeights(nn.Module):
 
 def _bn_act(chs: int, act: str, apply_act: bool = True) -> nn.Module:
     """BatchNorm (+ activation) exactly as timm's InvertedResidual builds it."""
-    from timm.layers import get_norm_act_layer
-
     layer = get_norm_act_layer(nn.BatchNorm2d, act_layer(act))
     return layer(chs, inplace=True) if apply_act else layer(chs, apply_act=False)
 

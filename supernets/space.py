@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+import yaml
+
 from .arch import Arch, ArchError
 
 ZERO = "zero"
@@ -230,8 +232,6 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path) -> "SearchSpace":
-        import yaml
-
         with open(path) as f:
             return cls.from_dict(yaml.safe_load(f))
 

@@ -41,12 +41,33 @@ markdown tables, and with ``out=<dir>`` writes ``slimmable_bench.json``, ``slimm
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from nas.apps.common import (
+    CONF_DIR,
+    instantiate,
+    make_cost_model,
+    make_device,
+    make_space,
+)
 from nas.errors import UserError
+from nas.export import evaluate
+from nas.latency.analytic import build_flops_model
+from nas.latency.measure import measure_archs
+from nas.report.slimmable_plots import plot_width_bench
+from nas.strategies.slimmable import SlimmableSearch
+from supernets.blocks import space_timm_net
+from supernets.supernet import Supernet
 
 OPTS = {"data": "digits", "space": "mbv2_tiny_slim", "hardware": "flops", "epochs": "10", "seeds": "0",
         "jobs": "1", "bn": "", "n_random": "", "random_widths": "", "distill": "", "distill_weight": "", "out": "",
@@ -85,9 +106,7 @@ def options(c: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
 
 
 def _compose(opts: dict[str, str], extra: list[str], seed: int):
-    from hydra import compose, initialize_config_dir
 
-    from nas.apps.common import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("search", overrides=[f"data={opts['data']}", f"space={opts['space']}",
@@ -96,9 +115,6 @@ def _compose(opts: dict[str, str], extra: list[str], seed: int):
 
 def _setup(opts: dict[str, str], extra: list[str], seed: int, log=print):
     """(cfg, space, datamodule, device, cost model, flops model) of one seed."""
-    from nas.apps.common import instantiate, make_cost_model, make_device, make_space
-    from nas.latency.analytic import build_flops_model
-
     cfg = _compose(opts, extra, seed)
     space = make_space(cfg.space)
     dm = instantiate(cfg.data)
@@ -110,9 +126,6 @@ def _setup(opts: dict[str, str], extra: list[str], seed: int, log=print):
 def train_alone(net, datamodule, epochs: int, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 4e-5,
                 grad_clip: float = 5.0) -> float:
     """Train ``net`` alone with the slimmable strategy's optimizer settings; returns wall seconds."""
-    import torch
-    import torch.nn.functional as F
-
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     t0 = time.perf_counter()
@@ -129,10 +142,7 @@ def train_alone(net, datamodule, epochs: int, lr: float = 0.05, momentum: float 
 
 def _from_scratch(space, arch, datamodule, test, epochs: int, seed: int) -> tuple[float, float]:
     """``arch`` as a plain timm net trained alone from scratch (seeded): (test accuracy, wall seconds)."""
-    import pytorch_lightning as pl
 
-    from nas.export import evaluate
-    from supernets.blocks import space_timm_net
 
     pl.seed_everything(seed, verbose=False)
     net = space_timm_net(space, arch, datamodule.num_classes)
@@ -142,12 +152,7 @@ def _from_scratch(space, arch, datamodule, test, epochs: int, seed: int) -> tupl
 
 def run_seed(opts: dict[str, str], extra: list[str], seed: int) -> dict[str, Any]:
     """One slimmable run, every uniform width alone, and the width search: accuracies and archs."""
-    import pytorch_lightning as pl
-    import torch
 
-    from nas.export import evaluate
-    from nas.strategies.slimmable import SlimmableSearch
-    from supernets.supernet import Supernet
 
     torch.set_num_threads(int(opts["threads"]))
     epochs = int(opts["epochs"])
@@ -382,14 +387,9 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
     if jobs == 1:
         per_seed = [run_seed(opts, extra, s) for s in seeds]
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             per_seed = list(pool.map(_run_seed_job, [(opts, extra, s) for s in seeds]))
     train_seconds = time.perf_counter() - t0
-    from nas.latency.measure import measure_archs
-
     timed = device.timed
     latency = None
     if timed:  # every distinct network, end to end, after training (a quiet machine)
@@ -424,8 +424,6 @@ def run(opts: dict[str, str], extra: list[str] | None = None) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "slimmable_bench.json").write_text(json.dumps(result, indent=1))
         (out / "slimmable_bench.md").write_text(header + "\n\n" + md + "\n")
-        from nas.report.slimmable_plots import plot_width_bench
-
         plot_width_bench(summary, out / "slimmable_bench.png",
                          f"measured latency on {device.name} (ms)" if timed else f"{cost.kind} ({unit})", timed)
         print(f"wrote {out}/slimmable_bench.json, .md, .png", flush=True)

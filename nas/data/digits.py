@@ -6,6 +6,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from nas.data.base import (
@@ -40,9 +42,6 @@ class DigitsDataModule(ImageDataModule):
         self.source_indices: dict[str, np.ndarray] = {}
 
     def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         digits = load_digits()
         labels = torch.as_tensor(digits.target, dtype=torch.int64)
         pool_ids, test_ids = train_test_split(

@@ -5,6 +5,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from nas.errors import UserError
 from nas.latency.cost import CostModel, FlopsModel, ParamsModel
@@ -26,8 +27,6 @@ ANALYTIC_NAMES: tuple[str, ...] = ("flops", "params")
 
 def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs (multiply and add counted separately) of one forward at batch 1."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     module = module.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(torch.zeros(1, *input_shape))

@@ -13,17 +13,25 @@ and, with every net, into ``lut_validation.json``; ``lut_validation.png`` plots 
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from nas.io import atomic_write_text
 from nas.latency.items import validation_archs
 from nas.latency.measure import NET_GROUP, clean_fraction, measure_archs
 from nas.latency.table import LatencyTable
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
 VALIDATION_FILE = "lut_validation.json"
 PLOT_FILE = "lut_validation.png"
@@ -174,8 +182,6 @@ def validate_measured(table: LatencyTable, labelled: Sequence[tuple[str, Any]], 
 
 def _load_avg() -> list[float] | None:
     try:
-        import os
-
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
@@ -184,9 +190,6 @@ def _load_avg() -> list[float] | None:
 # ---------------------------------------------------------------------- output
 def print_report(report: Mapping[str, Any], console=None, max_rows: int = 12) -> None:
     """A table of the worst nets and the summary (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console(width=140)
     unit = report.get("unit", "ms")
     nets = sorted(report["nets"], key=lambda r: -abs(r["error_pct"]))
@@ -248,11 +251,6 @@ def summary_line(s: Mapping[str, Any]) -> str:
 
 def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
     """Scatter of predicted vs measured with the y = x line and the +-10 % band (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     unit = report.get("unit", "ms")
     pred = np.array([r["predicted_ms"] for r in report["nets"]])
     meas = np.array([r["measured_ms"] for r in report["nets"]])
@@ -285,8 +283,6 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> Path:
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> tuple[Path, Path | None]:
     """``lut_validation.json`` (+ ``lut_validation.png``) in ``out_dir``."""
-    import json
-
     out_dir = Path(out_dir)
     json_path = atomic_write_text(out_dir / VALIDATION_FILE, json.dumps(report, indent=1))
     png = None

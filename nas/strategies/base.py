@@ -1,11 +1,14 @@
 """What every search strategy shares: the supernet, the cost model, evaluation and search cost."""
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_lightning.utilities import CombinedLoader
 
@@ -103,8 +106,6 @@ class SearchStrategy(pl.LightningModule):
         if not self.distributed:
             self.dist_check = {"world_size": 1}
             return
-        import torch.distributed as dist
-
         alphas = [a.detach().flatten().cpu() for a in self.supernet.arch_parameters()]
         mine = {"alpha": torch.cat(alphas).tolist() if alphas else [],
                 "derived": {k: dict(a.choices) for k, a in self.derive_all().items()},
@@ -161,9 +162,7 @@ class SearchStrategy(pl.LightningModule):
 
 def _rng_states() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as plain data (loadable with ``weights_only=True``)."""
-    import random
 
-    import numpy as np
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
@@ -171,9 +170,7 @@ def _rng_states() -> dict[str, Any]:
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
-    import random
 
-    import numpy as np
 
     py = states["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))

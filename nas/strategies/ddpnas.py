@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from nas.errors import UserError, check_choice
+from nas.report.ddpnas_plots import plot_pruning_order
 from nas.strategies.base import SearchStrategy
 from nas.strategies.knapsack import group_knapsack
 from supernets.arch import Arch
@@ -386,8 +387,6 @@ class DDPNASSearch(SearchStrategy):
         return out
 
     def extra_plots(self) -> dict[str, Callable[[Path], None]]:
-        from nas.report.ddpnas_plots import plot_pruning_order
-
         choices = dict(zip(self.layer_names, self.choices))
         return {"pruning_order.png": lambda p: plot_pruning_order(self.history, choices, p)}
 

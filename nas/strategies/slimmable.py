@@ -45,10 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from nas.errors import UserError, check_choice
+from nas.export import evaluate
+from nas.report.slimmable_plots import plot_width_search
 from nas.strategies.base import SearchStrategy
 from supernets.arch import Arch
+from supernets.bn import calibrate_bn
 from supernets.slimmable import BN_MODES, reorder_channels
 from supernets.space import SearchSpace, parse_op, width_choice, width_decision
+from supernets.supernet import Supernet
 
 OPS_MODES = ("largest", "smallest", "search")
 REORDER = ("l1", "bn")
@@ -261,8 +265,6 @@ class SlimmableSearch(SearchStrategy):
             if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
                 raise UserError(f"strategy.module.{key}={v!r} must be a positive integer")
         if supernet.bn_mode != bn:  # a fresh supernet with the other BatchNorm kind (before any training)
-            from supernets.supernet import Supernet
-
             supernet = Supernet(space, supernet.num_classes, weight_sharing=supernet.weight_sharing, bn=bn)
         super().__init__(supernet, cost_model, targets)
         self.automatic_optimization = False
@@ -477,8 +479,6 @@ class SlimmableSearch(SearchStrategy):
     def calibrated_subnet(self, arch: Arch, calib: list | None = None) -> torch.nn.Module:
         """The static net of ``arch`` with BatchNorm statistics recomputed exactly over the calibration
         batches (the supernet itself is not touched)."""
-        from supernets.bn import calibrate_bn
-
         sub = self.supernet.extract(arch).cpu()
         batches = self._calib_batches() if calib is None else calib
         if batches:
@@ -505,8 +505,6 @@ class SlimmableSearch(SearchStrategy):
         calibration on the same training batches."""
         if self._derived is not None:
             return self._derived
-        from nas.export import evaluate
-
         if self._datamodule is None:
             raise RuntimeError("the width search needs the data: call train_loaders(datamodule) (trainer.fit does)")
         calib = self._calib_batches()
@@ -579,8 +577,6 @@ class SlimmableSearch(SearchStrategy):
                                         "found": found, "rows": rows}, indent=1))
 
         def plot(path):
-            from nas.report.slimmable_plots import plot_width_search
-
             plot_width_search(rows, found, path, unit)
 
         return {"width_search.csv": write_csv, "width_search.json": write_json, "width_search.png": plot}
