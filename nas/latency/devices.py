@@ -1,10 +1,10 @@
 """Timing torch modules on a target device, robustly on a noisy shared machine.
 
 Why not just take the median wall time?
-    On a shared machine the processor switches between a fast and a slow state (about 1.4x apart)
-    for seconds at a time, so the absolute median of the same network moves 8-20 % between passes.
-    What is stable is the *ratio* of an item's time to the time of a fixed reference module measured
-    right next to it: both calls see the same machine state.
+    On a shared machine the processor switches between speed states for seconds at a time, so the
+    absolute median of the same network moves between passes. What is stable is the *ratio* of an
+    item's time to the time of a fixed reference module measured right next to it: both calls see
+    the same machine state. (The measurements behind every choice here: docs/latency.md.)
 
 How :meth:`Device.measure` works
     1. Every module is compiled once into a zero-argument callable for the device
@@ -24,8 +24,8 @@ How :meth:`Device.measure` works
        rounds while any item's median is not yet known to ``+-rel_ci`` (distribution-free 95 %
        confidence interval, :func:`median_ci`), up to ``max_repeats`` calls or ``max_seconds``.
        Full rounds, not just the pending items: a slow spell of the machine late in the pass
-       would otherwise shift only the items measured late (seen: a third of 100 ONNX Runtime nets
-       measured 12-20 % slow in one pass and not in the other). Calls during which the process was preempted (``getrusage`` reports an
+       would otherwise shift only the items measured late. Calls during which the process was
+       preempted (``getrusage`` reports an
        involuntary context switch of any of its threads) are left out, as long as at least
        ``MIN_CLEAN_SAMPLES`` clean ones remain: on a loaded machine they hold another process's
        work (tens to hundreds of ms with 2 threads on 2 busy cores), not the item's. If only one
@@ -33,8 +33,7 @@ How :meth:`Device.measure` works
     6. ``warm_calls=k``: every timed call (item and reference) follows k untimed calls of the same
        module, so it runs warm as in a deployed loop. Without it an item's data is evicted by the
        rest of the rotation while the reference stays cached, and the ratio then depends on what
-       else is being measured: on ONNX Runtime 100 whole nets in rotation ran 2x slower than when
-       warm, and the table pass and the validation pass disagreed by 6-24 %.
+       else is being measured.
 
 The fixed per-call overhead of a runtime (e.g. one ``InferenceSession.run``) is measured as part of
 what the runner does and is *not* corrected here; the latency table calibrates an overhead term.

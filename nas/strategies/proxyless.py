@@ -8,8 +8,7 @@ p = softmax(alpha) (see :func:`latency_loss`).
 
 ``derive()``: with ``derive="argmax"`` (the published rule) the most probable candidate per layer.
 The loss steers the *expected* latency, and the argmax of spread-out probabilities can land far from
-it (on texshapes a 0.6 target gave argmax nets at 0.45 of the largest, the zero ops winning the
-argmax in every skippable layer). ``derive="budget"`` (default when there is a latency target) takes
+it (the zero ops can win the argmax in every skippable layer). ``derive="budget"`` (default when there is a latency target) takes
 the most probable architecture, sum_l log p_l, among those whose predicted latency lies in
 ``[budget_floor * T, T]`` (an exact group knapsack, :func:`nas.strategies.knapsack.group_knapsack`), falling
 back to the argmax when none does.
