@@ -1,0 +1,1 @@
+"""hwnas, the search side: apps, latency, strategies, data, export and reports (see docs/layout.md)."""

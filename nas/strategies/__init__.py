@@ -1,0 +1,1 @@
+"""Search strategies, one module each, over one supernet and one cost model (shared parts: base, knapsack)."""
