@@ -18,42 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-#: Hardware timing small enough for tests (the table's device fingerprint does not depend on it), and
-#: one thread: on a shared 2-core machine two spinning OpenMP threads per process slow everything down.
-TINY_HARDWARE = ("hardware.repeats=5", "hardware.warmup=2", "hardware.threads=1")
-#: ``nas-lut``: a quick table for the tiny search, written into the cache nas-search reads.
-TINY_LUT = (*TINY_HARDWARE, "measure.rel_ci=null", "measure.calib_nets=6", "validate=false", "progress=none")
-#: A search of a few seconds on digits: 2 epochs (1 warm-up), 2 BatchNorm calibration batches.
-TINY_SEARCH = ("strategy.epochs=2", "strategy.module.warmup_epochs=1", *TINY_HARDWARE, "progress=none",
-               "export.calib_batches=2")
-
-
-@dataclass
-class AppRun:
-    """One finished run of an app in a subprocess."""
-
-    args: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def describe(self) -> str:
-        return (f"$ {' '.join(self.args)}\nexit {self.returncode} after {self.seconds:.1f} s\n"
-                f"--- stdout\n{self.stdout[-4000:]}\n--- stderr\n{self.stderr[-4000:]}")
-
-
-def run_app(module: str, *overrides: str, timeout: float = 600) -> AppRun:
-    """``python -m <module> <overrides...>`` (``nas.apps.search`` / ``nas.apps.retrain``) from the repository,
-    with the current process's environment (so the isolation fixtures apply). Torch's default thread
-    count is 1 there (as ``hardware.threads`` in TINY_HARDWARE; retraining has no such option)."""
-    args = [sys.executable, "-m", module, *overrides]
-    env = {"OMP_NUM_THREADS": "1", **os.environ}
-    t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return AppRun(args, proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0)
+from tests.helpers import TINY_LUT, TINY_SEARCH, AppRun, run_app
 
 
 def _isolate(mp: pytest.MonkeyPatch, cache: Path, outputs: Path) -> None:

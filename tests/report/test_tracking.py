@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY_SEARCH, run_app
+from tests.helpers import TINY_SEARCH, run_app
 
 BLOCK = 32768
 

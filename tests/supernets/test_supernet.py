@@ -14,18 +14,7 @@ from supernets.bn import calibrate_bn
 from supernets.mixed import MixedOp
 from supernets.space import ZERO, SearchSpace, SpaceError
 from supernets.supernet import Supernet
-
-TINY = {
-    "name": "tiny",
-    "resolution": 16,
-    "stem": {"channels": 8, "stride": 2},
-    "first": {"channels": 8, "kernel": 3},
-    "stages": [{"channels": 16, "layers": 2, "stride": 2}, {"channels": 16, "layers": 2, "stride": 1}],
-    "ops": ["k3_e3", "k5_e3", "k3_e6"],
-    "zero": True,
-    "head": {"channels": 32},
-}
-
+from tests.helpers import TINY
 
 @pytest.fixture(scope="module")
 def space() -> SearchSpace:

@@ -14,7 +14,7 @@ from supernets.blocks import make_block
 from supernets.space import BlockSpec, SearchSpace, SpaceError
 from supernets.supernet import Supernet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SLIM = REPO / "conf" / "space" / "mbv2_tiny_slim.yaml"
 TINY = REPO / "conf" / "space" / "mbv2_tiny.yaml"
 
@@ -701,7 +701,7 @@ def test_nas_search_slimmable_one_export_per_target(tmp_path):
 
     from nas.export import load_subnet
 
-    from .conftest import run_app
+    from tests.helpers import run_app
 
     run_dir = tmp_path / "run"
     run = run_app("nas.apps.search", "strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops", "strategy.epochs=1",
@@ -732,7 +732,7 @@ def test_nas_search_slimmable_one_export_per_target(tmp_path):
 
 
 def test_nas_search_slimmable_unreachable_target_stops_before_training(tmp_path):
-    from .conftest import run_app
+    from tests.helpers import run_app
 
     run = run_app("nas.apps.search", "strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops",
                   "strategy.targets=[0.5,0.2]", "progress=none", f"hydra.run.dir={tmp_path / 'run'}")
@@ -821,7 +821,7 @@ SLIM_SEARCH = ("strategy=slimmable", "space=mbv2_tiny_slim", "hardware=flops", "
 def test_slimmable_resumes_from_last_checkpoint(tmp_path):
     import json
 
-    from .conftest import run_app
+    from tests.helpers import run_app
 
     run_dir = tmp_path / "run"
     first = run_app("nas.apps.search", *SLIM_SEARCH, "strategy.epochs=1", f"hydra.run.dir={run_dir}")
@@ -837,7 +837,7 @@ def test_slimmable_resumes_from_last_checkpoint(tmp_path):
 def test_slimmable_ddp_on_two_cpu_processes_ranks_agree(tmp_path):
     import json
 
-    from .conftest import run_app
+    from tests.helpers import run_app
 
     run_dir = tmp_path / "ddp"
     run = run_app("nas.apps.search", *SLIM_SEARCH, "strategy.epochs=1", "trainer=ddp", "trainer.devices=2",

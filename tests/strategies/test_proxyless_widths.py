@@ -15,8 +15,8 @@ from nas.strategies.proxyless import ProxylessSearch
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 
-from .test_proxyless_export import _DM
-from .test_supernet import TINY
+from tests.helpers import TinyData
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_proxyless_search_learns_widths_and_keeps_them_in_the_history(space):
     """A short search: the width logits move (REINFORCE and the latency term), the history holds the
     width probabilities for the choice plot, and derive returns a valid arch with widths."""
     pl.seed_everything(0, verbose=False)
-    dm = _DM()
+    dm = TinyData()
     net = Supernet(space, dm.num_classes)
     cost = build_flops_model(space, dm.num_classes)
     lo, hi = cost.bounds()

@@ -26,7 +26,7 @@ from nas.data import (
 )
 from nas.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "data"
 N_DIGITS = 1797
 
 

@@ -64,7 +64,7 @@ def test_run_folder_follows_run_name():
 
 @pytest.mark.slow
 def test_sigterm_then_same_command_resumes_and_ends_with_the_same_arch(tmp_path, smoke_search, shared_cache):
-    from .conftest import TINY_HARDWARE, run_app
+    from tests.helpers import TINY_HARDWARE, run_app
 
     args = ("strategy.epochs=6", "strategy.module.warmup_epochs=1", *TINY_HARDWARE, "progress=none",
             "export.calib_batches=2", "export.onnx=false", "export.measure=false", "seed=3")
@@ -74,7 +74,7 @@ def test_sigterm_then_same_command_resumes_and_ends_with_the_same_arch(tmp_path,
     cut_dir = tmp_path / "cut"
     cmd = [sys.executable, "-m", "nas.apps.search", *args, f"hydra.run.dir={cut_dir}"]
     env = {"OMP_NUM_THREADS": "1", **os.environ}
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env,
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = cut_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 600
@@ -119,7 +119,7 @@ def test_ddp_on_two_cpu_processes_ranks_agree(tmp_path, smoke_search, shared_cac
 
     import torch
 
-    from .conftest import TINY_SEARCH, run_app
+    from tests.helpers import TINY_SEARCH, run_app
 
     run_dir = tmp_path / "ddp"
     base = [a for a in TINY_SEARCH if "hardware=flops" not in DDP_RUNS[strategy] or not a.startswith("hardware.")]
@@ -144,7 +144,7 @@ def test_ddp_on_two_cpu_processes_ranks_agree(tmp_path, smoke_search, shared_cac
 
 @pytest.mark.slow
 def test_local_submitit_multirun_gives_each_job_its_own_export(tmp_path, smoke_search, shared_cache):
-    from .conftest import TINY_SEARCH, run_app
+    from tests.helpers import TINY_SEARCH, run_app
 
     sweep = tmp_path / "sweep"
     run = run_app("nas.apps.search", "-m", "hydra/launcher=local", *TINY_SEARCH, "export.onnx=false",

@@ -20,9 +20,9 @@ from nas.latency.table import LatencyTable
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 
-from .test_supernet import TINY
+from tests.helpers import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
 

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from .conftest import REPO, TINY_SEARCH, run_app
+from tests.helpers import REPO, TINY_SEARCH, run_app
 
 CONF = REPO / "conf"
 EXPORT_FILES = ("arch.yaml", "model.safetensors", "model.onnx", "report.json", "arch_probs.png")

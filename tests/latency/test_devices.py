@@ -27,7 +27,7 @@ from nas.latency.devices import (
     reference_module,
 )
 
-HARDWARE_CONF = Path(__file__).resolve().parents[1] / "conf" / "hardware"
+HARDWARE_CONF = Path(__file__).resolve().parents[2] / "conf" / "hardware"
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 

@@ -19,7 +19,7 @@ from nas.strategies.proxyless import ProxylessSearch, latency_loss
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 
-from .test_supernet import TINY
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")
@@ -83,32 +83,10 @@ def test_latency_loss_forms():
         assert e.grad > 0, form
 
 
-class _DM:
-    """A tiny in-memory data module with the interface strategies use."""
-
-    def __init__(self, n=48, classes=4, res=16):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, res, res, generator=g)
-        self.y = torch.randint(classes, (n,), generator=g)
-        self.num_classes = classes
-
-    def _dl(self, shuffle):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=16, shuffle=shuffle)
-
-    def train_dataloader(self):
-        return self._dl(True)
-
-    def arch_dataloader(self):
-        return self._dl(True)
-
-    def val_dataloader(self):
-        return self._dl(False)
-
-
 @pytest.mark.parametrize("gate", ["one", "two", "full"])
 def test_proxyless_search_runs_and_moves_alpha(space, gate):
     pl.seed_everything(0, verbose=False)
-    dm = _DM()
+    dm = TinyData()
     net = Supernet(space, dm.num_classes)
     table = _table(space)
     lo, hi = table.bounds()
