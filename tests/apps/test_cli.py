@@ -22,6 +22,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from nas.apps.common import user_errors
+from nas.apps.retrain import run_retrain
+from nas.apps.search import run_search
 from tests.helpers import REPO, TINY_SEARCH, run_app
 
 CONF = REPO / "conf"
@@ -155,6 +158,25 @@ def assert_refused(run, run_dir: Path, *needles: str) -> None:
         assert not list(run_dir.rglob("*.ckpt"))
 
 
+def assert_refused_in_process(app, cfg, capsys, *needles: str, one_line: bool = True) -> None:
+    """The app's logic on a composed config, as its console script wraps it (``user_errors``): exit 2,
+    ONE line on stderr starting ``error:`` with the needles (``one_line=False``: a message followed by
+    a layout hint), and nothing trained or exported."""
+    with pytest.raises(SystemExit) as e:
+        user_errors(app)(cfg)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error:") and (err.count("\n") == 1 or not one_line), err
+    assert "Traceback" not in out + err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    assert "Epoch" not in out + err
+    run_dir = Path(cfg.hydra.runtime.output_dir)
+    if run_dir.exists():
+        assert not (run_dir / "export").exists() and not (run_dir / "model").exists()
+        assert not list(run_dir.rglob("*.ckpt"))
+
+
 @pytest.mark.parametrize("group", ["space", "strategy", "hardware", "data"])
 def test_search_unknown_option_lists_the_available_ones(group, tmp_path):
     run_dir = tmp_path / "run"
@@ -163,18 +185,15 @@ def test_search_unknown_option_lists_the_available_ones(group, tmp_path):
     assert not run_dir.exists()  # refused before the run folder was made
 
 
-def test_search_missing_data_folder_names_the_path(tmp_path):
-    run_dir = tmp_path / "run"
+def test_search_missing_data_folder_names_the_path(tmp_path, compose_cfg, capsys):
     missing = tmp_path / "no-such-dataset"
-    run = run_app("nas.apps.search", "data=imagefolder", f"data.root={missing}", "progress=none",
-                  f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", str(missing))
+    cfg = compose_cfg("search", ["data=imagefolder", f"data.root={missing}", "progress=none"])
+    assert_refused_in_process(run_search, cfg, capsys, str(missing), one_line=False)
 
 
-def test_search_data_folder_left_out_is_named(tmp_path):
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.search", "data=imagefolder", "progress=none", f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error: data.root")
+def test_search_data_folder_left_out_is_named(compose_cfg, capsys):
+    cfg = compose_cfg("search", ["data=imagefolder", "progress=none"])
+    assert_refused_in_process(run_search, cfg, capsys, "error: data.root", one_line=False)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -182,12 +201,10 @@ def test_search_data_folder_left_out_is_named(tmp_path):
     (("supernet.weight_sharing=separate",), "supernet.weight_sharing must be elastic"),
     (("supernet.weight_sharing=nope",), "choose one of elastic, separate"),
 ])
-def test_search_width_space_combinations_refused(overrides, message, tmp_path):
+def test_search_width_space_combinations_refused(overrides, message, compose_cfg, capsys):
     """Settings that cannot work with a width space stop with one message (FLOPs: no table to build)."""
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.search", "space=mbv2_tiny_slim", "hardware=flops", *overrides, "progress=none",
-                  f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", message)
+    cfg = compose_cfg("search", ["space=mbv2_tiny_slim", "hardware=flops", *overrides, "progress=none"])
+    assert_refused_in_process(run_search, cfg, capsys, message)
 
 
 def test_search_unreachable_latency_target(smoke_search, shared_cache, tmp_path):
@@ -198,22 +215,21 @@ def test_search_unreachable_latency_target(smoke_search, shared_cache, tmp_path)
     assert "building latency table" not in run.stdout
 
 
-def test_retrain_arch_folder_missing(tmp_path):
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.retrain", f"arch={tmp_path / 'nonexistent'}", f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", f"arch={tmp_path / 'nonexistent'} does not exist")
+def test_retrain_arch_folder_missing(tmp_path, compose_cfg, capsys):
+    cfg = compose_cfg("retrain", [f"arch={tmp_path / 'nonexistent'}"])
+    assert_refused_in_process(run_retrain, cfg, capsys, f"arch={tmp_path / 'nonexistent'} does not exist")
 
 
 def test_retrain_arch_left_out(tmp_path):
+    """A true subprocess: the console script's own path for a value left at ``???``."""
     run_dir = tmp_path / "run"
     run = run_app("nas.apps.retrain", f"hydra.run.dir={run_dir}")
     assert_refused(run, run_dir, "error: arch is required")
 
 
-def test_retrain_unknown_init_lists_the_allowed(smoke_search, tmp_path):
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.retrain", f"arch={smoke_search.export}", "init=bogus", f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", "bogus", "scratch", "inherited")
+def test_retrain_unknown_init_lists_the_allowed(smoke_search, compose_cfg, capsys):
+    cfg = compose_cfg("retrain", [f"arch={smoke_search.export}", "init=bogus"])
+    assert_refused_in_process(run_retrain, cfg, capsys, "bogus", "scratch", "inherited")
 
 
 @pytest.fixture
@@ -233,35 +249,31 @@ def edited_export(smoke_search, tmp_path):
     return edit
 
 
-def test_retrain_unknown_op_names_decision_and_choices(edited_export, tmp_path):
+def test_retrain_unknown_op_names_decision_and_choices(edited_export, compose_cfg, capsys):
     export = edited_export(lambda d: d["choices"].update({"s1.l0": "k9_e9"}))
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", "'s1.l0'", "k9_e9", "k3_e3, k3_e6, k5_e3, k5_e6, k7_e3, k7_e6")
+    cfg = compose_cfg("retrain", [f"arch={export}"])
+    assert_refused_in_process(run_retrain, cfg, capsys, "'s1.l0'", "k9_e9", "k3_e3, k3_e6, k5_e3, k5_e6, k7_e3, k7_e6")
 
 
-def test_retrain_missing_decision_is_named(edited_export, tmp_path):
+def test_retrain_missing_decision_is_named(edited_export, compose_cfg, capsys):
     export = edited_export(lambda d: d["choices"].pop("s2.l1"))
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", "missing: s2.l1")
+    cfg = compose_cfg("retrain", [f"arch={export}"])
+    assert_refused_in_process(run_retrain, cfg, capsys, "missing: s2.l1")
 
 
-def test_retrain_hand_edited_arch_def_is_refused(edited_export, tmp_path):
+def test_retrain_hand_edited_arch_def_is_refused(edited_export, compose_cfg, capsys):
     def change(d):  # a valid choice, but arch_def left as it was
         d["choices"]["s1.l0"] = "k7_e6" if d["choices"]["s1.l0"] != "k7_e6" else "k3_e3"
 
     export = edited_export(change)
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", "arch_def does not match", "stage 1")
+    cfg = compose_cfg("retrain", [f"arch={export}"])
+    assert_refused_in_process(run_retrain, cfg, capsys, "arch_def does not match", "stage 1")
 
 
-def test_retrain_unknown_space_lists_the_spaces(edited_export, tmp_path):
+def test_retrain_unknown_space_lists_the_spaces(edited_export, compose_cfg, capsys):
     export = edited_export(lambda d: d.update(space="nope"))
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.retrain", f"arch={export}", f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", "'nope'", *options("space"))
+    cfg = compose_cfg("retrain", [f"arch={export}"])
+    assert_refused_in_process(run_retrain, cfg, capsys, "'nope'", *options("space"))
 
 
 # ============================================================================ every config option composes
