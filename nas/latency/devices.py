@@ -230,8 +230,12 @@ class Device(Hardware):
     extra_options: dict[str, Any] = {}
 
     #: The bar a latency table on this device must meet on its validation to be used without the user's
-    #: say (``lut.accept_untrusted=true``): fraction of subnets within +-10 %, and Spearman.
-    trust_bar: dict[str, float] = {"within_10pct": 0.95, "spearman": 0.95}
+    #: say (``lut.accept_untrusted=true``): fraction of subnets within +-10 %, and Spearman. It is the
+    #: floor of a usable table, below the quality goal a good day reaches (docs/latency.md: >= 95 %
+    #: and >= 0.95 on torch, >= 90 % and >= 0.93 on ONNX Runtime): a search's quick check validates on
+    #: only 22 nets, and a table that ranks 80 % of them within +-10 % still steers a search; the
+    #: broken tables seen on a loaded machine scored 14-46 % and Spearman 0.15-0.67.
+    trust_bar: dict[str, float] = {"within_10pct": 0.80, "spearman": 0.90}
 
     #: Whether calls are timed with the host clock (so a preemption of the process inflates them).
     host_timed: bool = True
@@ -600,7 +604,6 @@ class OnnxRuntimeDevice(Device):
     """
 
     extra_options = {"opset": None}
-    trust_bar = {"within_10pct": 0.90, "spearman": 0.93}
 
     def __init__(self, name: str = "onnxruntime", **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
