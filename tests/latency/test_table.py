@@ -303,6 +303,7 @@ def test_kit_round_trip_reproduces_a_table(tmp_path):
     manifest_path = export_kit(space, kit, num_classes=3, batch_size=1, threads=1, warmup=1, repeats=3,
                                rel_ci=0.5, max_repeats=6, samples=2, calib_nets=4, progress=False,
                                log=lambda m: None)
+    assert json.loads(manifest_path.read_text())["measure"]["net_group"] == 8
     manifest = json.loads(manifest_path.read_text())
     assert (kit / "measure.py").exists() and (kit / manifest["reference"]["file"]).exists()
     assert all((kit / item["file"]).exists() for item in manifest["items"].values())
@@ -313,9 +314,18 @@ def test_kit_round_trip_reproduces_a_table(tmp_path):
         (blocker / mod / "__init__.py").write_text(f"raise ImportError('the kit must not import {mod}')\n")
     results = tmp_path / "results.json"
     env = {**os.environ, "PYTHONPATH": str(blocker)}
-    proc = subprocess.run([sys.executable, str(kit / "measure.py"), "--out", str(results), "--quiet"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(kit / "measure.py"), "--out", str(results), "--quiet",
+                           "--group", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    # whole nets are timed in groups (here of 3), each group with its own reference calls
+    raw = json.loads(results.read_text())
+    assert raw["settings"]["net_group"] == 3 and "groups" not in raw["passes"]["table"]
+    for p in ("calibration", "validation", "retest"):
+        groups = raw["passes"][p]["groups"]
+        names = list(manifest["passes"][p])
+        assert [g["items"] for g in groups] == [names[i:i + 3] for i in range(0, len(names), 3)]
+        assert set(raw["passes"][p]["items"]) == set(names)
+        assert all(g["reference"]["median_ms"] > 0 for g in groups)
     table, report = import_results(results)
     assert set(table.entries) == set(table_items(space, 3))
     assert table.meta["fixed_parts"].keys() == {"stem", "first", "head"}

@@ -45,6 +45,7 @@ from nas.latency.measure import (
     DEFAULT_MAX_SECONDS,
     DEFAULT_REL_CI,
     DEFAULT_WARM_CALLS,
+    NET_GROUP,
     clean_fraction,
 )
 from nas.latency.table import LatencyTable
@@ -165,7 +166,7 @@ def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_s
         "torch": torch.__version__,
         "measure": {"threads": int(threads), "warmup": int(warmup), "repeats": int(repeats),
                     "max_repeats": int(max_repeats), "rel_ci": rel_ci, "seed": int(seed),
-                    "max_seconds": max_seconds, "warm_calls": int(warm_calls)},
+                    "max_seconds": max_seconds, "warm_calls": int(warm_calls), "net_group": NET_GROUP},
         "samples": int(samples),
         "reference": {"file": "onnx/reference.onnx", "input_shape": list(ref_shape),
                       **describe_reference()},

@@ -22,7 +22,10 @@ within ``+-rel_ci`` or they had ``max_repeats`` calls. Calls
 during which the process was preempted (an involuntary context switch, where the OS reports them)
 are left out when enough clean calls remain. Four passes: ``table`` (blocks and fixed parts),
 ``calibration`` (whole subnets that fit the overhead model), ``validation`` (other whole subnets),
-``retest`` (the same subnets again).
+``retest`` (the same subnets again). Whole subnets are timed in groups of ``net_group`` (8) with the
+reference, one group after the other, as hwnas's own table builder does: in one rotation of many
+ONNX Runtime sessions each session goes cold while the others run, and every net measures slower
+than it runs deployed.
 """
 from __future__ import annotations
 
@@ -235,6 +238,24 @@ def measure_pass(calls: dict, ref_call, *, warmup: int, repeats: int, rel_ci, ma
             "items": items, "seconds": round(time.time() - t_start, 2)}
 
 
+def measure_grouped(calls: dict, ref_call, group: int, *, label: str, max_seconds=None, **kw) -> dict:
+    """:func:`measure_pass` over consecutive groups of ``group`` items (each with the reference), merged.
+
+    An item's ``ratio`` is to the reference calls around it in its own group; the pass's ``reference``
+    is the first group's, and ``groups`` holds every group's reference and item names."""
+    names = list(calls)
+    chunks = [names[i:i + group] for i in range(0, len(names), group)] or [[]]
+    per_group = None if max_seconds is None else max_seconds / len(chunks)
+    items, groups, seconds = {}, [], 0.0
+    for c, chunk in enumerate(chunks):
+        res = measure_pass({n: calls[n] for n in chunk}, ref_call, label=f"{label} ({c + 1}/{len(chunks)})",
+                           max_seconds=per_group, **kw)
+        items.update(res["items"])
+        groups.append({"items": chunk, "reference": res["reference"]})
+        seconds += res["seconds"]
+    return {"reference": groups[0]["reference"], "items": items, "groups": groups, "seconds": round(seconds, 2)}
+
+
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -248,6 +269,8 @@ def main(argv=None) -> int:
                         help="target relative half-width of the median's 95%% CI (0 = no adaptive phase)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="time budget per pass: no round starts after it, beyond 5 (0 = no limit)")
+    parser.add_argument("--group", type=int, default=None,
+                        help="whole subnets timed together in one rotation (default: the manifest's, 8)")
     parser.add_argument("--passes", default=None,
                         help="comma-separated subset of the manifest's passes (default: all)")
     parser.add_argument("--quiet", action="store_true")
@@ -267,6 +290,7 @@ def main(argv=None) -> int:
     seed = int(m.get("seed", 0))
     max_seconds = m.get("max_seconds") if args.max_seconds is None else (args.max_seconds or None)
     warm_calls = int(m.get("warm_calls", 0))
+    group = max(1, int(args.group or m.get("net_group", 8)))
     batch_size = int(manifest["batch_size"])
     passes = [p for p in manifest["passes"]] if not args.passes else args.passes.split(",")
     unknown = [p for p in passes if p not in manifest["passes"]]
@@ -292,7 +316,7 @@ def main(argv=None) -> int:
     results = {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "manifest": manifest, "device": device,
                "settings": {"threads": threads, "warmup": warmup, "repeats": repeats, "max_repeats": max_repeats,
                             "rel_ci": rel_ci, "max_seconds": max_seconds, "warm_calls": warm_calls,
-                            "seed": seed},  # + thread_pool below
+                            "seed": seed, "net_group": group},  # + thread_pool below
                "platform": {"python": platform.python_version(), "system": platform.platform(),
                             "numpy": np.__version__, "cpu_count": os.cpu_count()},
                "started_at": started, "passes": {}}
@@ -308,10 +332,12 @@ def main(argv=None) -> int:
             calls[n] = sessions[n]
         if not args.quiet:
             print(f"pass {p}: {len(names)} items", file=sys.stderr, flush=True)
-        results["passes"][p] = measure_pass(calls, ref_call, warmup=warmup, repeats=repeats, rel_ci=rel_ci,
-                                            max_repeats=max_repeats, seed=seed + len(results["passes"]),
-                                            label=p, quiet=args.quiet, max_seconds=max_seconds,
-                                            warm_calls=warm_calls)
+        kw = dict(warmup=warmup, repeats=repeats, rel_ci=rel_ci, max_repeats=max_repeats,
+                  seed=seed + len(results["passes"]), quiet=args.quiet, warm_calls=warm_calls)
+        if p == "table":
+            results["passes"][p] = measure_pass(calls, ref_call, label=p, max_seconds=max_seconds, **kw)
+        else:
+            results["passes"][p] = measure_grouped(calls, ref_call, group, label=p, max_seconds=max_seconds, **kw)
     results["seconds"] = round(time.time() - t0, 2)
     results["settings"]["thread_pool"] = "global" if GLOBAL_POOL["threads"] == threads else "per-session, no spinning"
     if hasattr(os, "getloadavg"):
