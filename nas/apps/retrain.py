@@ -243,7 +243,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     return run_retrain(cfg)
 
 
-main = hydra_entry(_hydra_main)
+main = hydra_entry(_hydra_main, config_name="retrain")
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     return run_search(cfg)
 
 
-main = hydra_entry(_hydra_main)
+main = hydra_entry(_hydra_main, config_name="search")
 
 
 if __name__ == "__main__":
