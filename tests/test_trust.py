@@ -159,7 +159,7 @@ def _search_cfg(tmp_path, *overrides):
         cfg = compose("search", overrides=[
             "hardware=cpu", "hardware.threads=1", "hardware.warmup=2", "hardware.repeats=5", "progress=none",
             "logger=none", "strategy.epochs=1", "strategy.module.warmup_epochs=0", "export.calib_batches=1",
-            "export.onnx=false", "resume=never", f"lut.cache_dir={tmp_path / 'cache'}",
+            "export.onnx=false", "resume=never", "strategy.targets=[0.95]", f"lut.cache_dir={tmp_path / 'cache'}",
             f"export.dir={tmp_path / 'run' / 'export'}", *overrides])
     with open_dict(cfg):
         cfg.space = OmegaConf.create(TINY)

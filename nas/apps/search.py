@@ -109,8 +109,8 @@ def target_miss(measured: float | None, target: float | None) -> tuple[float | N
     budget: below it is within). ``(None, None)`` without a measurement or a target."""
     if measured is None or target is None or not target > 0:
         return None, None
-    miss = 100.0 * (float(measured) / float(target) - 1.0)
-    return round(miss, 2), bool(miss <= 100 * TARGET_TOLERANCE)
+    miss = round(100.0 * (float(measured) / float(target) - 1.0), 2)
+    return miss, bool(miss <= 100 * TARGET_TOLERANCE)
 
 
 def print_summary(reports: list[dict[str, Any]], total_seconds: float, unit: str = "ms",
