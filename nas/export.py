@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from nas.errors import UserError
 from nas.io import export_onnx
@@ -77,8 +78,7 @@ def write_export(out_dir: str | os.PathLike, *, space: SearchSpace, arch: Arch, 
         model = model.eval().cpu()
         (tmp / ARCH_FILE).write_text(
             arch.to_yaml(space.arch_def(arch), extra={"timm": timm_kwargs(space)}))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt", "space": space.name, "fingerprint": space.fingerprint})
+        save_weights(model, tmp / WEIGHTS_FILE, arch)
         files = [ARCH_FILE, WEIGHTS_FILE]
         if onnx:
             x = torch.zeros(1, space.in_chans, arch.resolution, arch.resolution)
@@ -157,16 +157,50 @@ def build_from_arch_file(path: str | os.PathLike) -> tuple[nn.Module, Arch]:
     return net, arch
 
 
-def load_subnet(export_dir: str | os.PathLike) -> nn.Module:
-    """The exported network: a plain ``timm.models.EfficientNet`` with the saved weights, eval mode."""
-    export_dir = Path(export_dir)
-    net, _ = build_from_arch_file(export_dir)
-    wpath = export_dir / WEIGHTS_FILE
-    if not wpath.exists():
+def save_weights(model: nn.Module, path: str | os.PathLike, arch: Arch) -> None:
+    """``model``'s state as safetensors, tagged with the space and fingerprint of ``arch`` (checked
+    on loading: weights beside the ``arch.yaml`` of another export are refused before torch sees them)."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"format": "pt", "space": arch.space, "fingerprint": arch.fingerprint})
+
+
+def load_weights(net: nn.Module, wpath: str | os.PathLike, arch: Arch, arch_file: str | os.PathLike) -> None:
+    """Load ``wpath`` into ``net`` (built from ``arch_file``), refusing with one line a file that is not
+    a complete safetensors file, was saved for another space (its fingerprint), or does not fit the net."""
+    wpath = Path(wpath)
+    if not wpath.is_file():
         raise UserError(f"no weights at {wpath}; pass a complete export folder written by nas-search")
-    state = load_file(str(wpath))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{wpath} does not match {export_dir / ARCH_FILE}: missing {list(missing)[:5]}, "
-                        f"unexpected {list(unexpected)[:5]}")
+    redo = "copy the export folder again, or re-export it with nas-search"
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{wpath} is damaged or not a safetensors file ({e}); {redo}") from None
+    saved = meta.get("fingerprint")
+    if saved and arch.fingerprint and saved != arch.fingerprint:
+        raise UserError(f"{wpath} holds weights of space {meta.get('space', '?')!r} (fingerprint {saved}), but "
+                        f"{arch_file} describes space {arch.space!r} (fingerprint {arch.fingerprint}): the two files "
+                        f"come from different exports; keep each export's {ARCH_FILE} and {WEIGHTS_FILE} together")
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        what = "; ".join(part for part in (
+            f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {unexpected[:3]}" if unexpected else "") if part)
+        raise UserError(f"{wpath} does not fit the network of {arch_file} ({what}); the two files come from "
+                        f"different exports; {redo}")
+    net.load_state_dict(state)
+
+
+def load_subnet(export_dir: str | os.PathLike) -> nn.Module:
+    """The exported network: a plain ``timm.models.EfficientNet`` with the saved weights, in eval mode
+    (to train it, put it in ``train()``: :class:`nas.training.RetrainModule` does)."""
+    export_dir = Path(export_dir)
+    net, arch = build_from_arch_file(export_dir)
+    load_weights(net, export_dir / WEIGHTS_FILE, arch, export_dir / ARCH_FILE)
     return net.eval()

@@ -1,6 +1,8 @@
 """What the Hydra apps share: the config folder, turning config into objects, clean user errors."""
 from __future__ import annotations
 
+import difflib
+import errno
 import functools
 import logging
 import os
@@ -75,19 +77,43 @@ def _config_value_error(exc: BaseException) -> UserError | None:
     return None
 
 
+#: OSError numbers that are the user's environment, not a bug: a read-only or full disk, no permission.
+_ENV_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
+def environment_error(exc: BaseException) -> UserError | None:
+    """A file that could not be written or read for a reason of the user's environment (read-only
+    file system, permissions, a full disk), as one line naming the file."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _ENV_ERRNOS:
+            where = exc.filename or "a file"
+            hint = ("free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+                    "run from a folder you can write to, or point the run folder elsewhere with "
+                    "HWNAS_OUTPUTS=<folder> (or hydra.run.dir=<folder>)")
+            return UserError(f"cannot write {where}: {exc.strerror}; {hint}")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def user_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Print a user's mistake as one clear message and exit 2 (no traceback from deep inside).
 
-    A user's mistake is a :class:`UserError` anywhere in the exception's chain, or a config value
-    left at ``???`` / an interpolation that does not resolve.
+    A user's mistake is a :class:`UserError` anywhere in the exception's chain, a config value left
+    at ``???`` / an interpolation that does not resolve, or a file the environment does not let us
+    write (:func:`environment_error`). Ctrl-C outside training (which Lightning handles itself)
+    prints one line and exits 130, as a shell does.
     """
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
         try:
             return fn(cfg)
+        except KeyboardInterrupt as e:
+            sys.stdout.flush()
+            print(f"interrupted (Ctrl-C){' ' + str(e) if str(e) else ''}", file=sys.stderr)
+            sys.exit(130)
         except Exception as e:  # noqa: BLE001
-            ue = _cause_user_error(e) or _config_value_error(e)
+            ue = _cause_user_error(e) or _config_value_error(e) or environment_error(e)
             if ue is None:
                 raise
             sys.stdout.flush()
@@ -127,22 +153,171 @@ def renamed_key_error(args: list[str]) -> str | None:
     return None
 
 
-def hydra_entry(app: Callable[..., Any]) -> Callable[..., Any]:
+def _config_groups() -> set[str]:
+    """The config groups of ``conf/`` (``space``, ``strategy``, ..., ``hydra/launcher``)."""
+    root = Path(CONF_DIR)
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()}
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a config as a dotted path, inner nodes included (values are not resolved)."""
+    if not isinstance(node, DictConfig):
+        return []
+    out = []
+    for k in node.keys():
+        key = f"{prefix}{k}"
+        out.append(key)
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            out += _dotted_keys(child, key + ".")
+    return out
+
+
+def _unknown_key(cfg: DictConfig, key: str) -> bool:
+    """True when ``key`` names nothing in ``cfg`` and its nearest existing parent is a mapping (which
+    Hydra would refuse to extend without ``+``)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or node._is_none() or node._is_interpolation():
+            return False  # under a value, a null or an interpolation: let Hydra decide
+        if part not in list(node.keys()):  # (`in` is False for a key whose value is ???)
+            return True
+        node = node._get_node(part)
+    return False
+
+
+def _suggestion(key: str, value: str | None, keys: list[str], all_keys: list[str]) -> str:
+    """``did you mean ...?``: the closest of the config's keys or the renamed keys (in their new
+    spelling, with ``value`` where it is one value), by difflib's ratio; or the keys beside it."""
+    candidates = {k: f"`{k}`" for k in keys if not k.startswith("hydra") and not k.rpartition(".")[2].startswith("_")}
+    for old, new in RENAMED_KEYS.items():
+        spelled = new.format(value=value.strip("[]")) if value else new.partition("=")[0]
+        candidates.setdefault(old, f"`{spelled}`")
+    def leaf(k: str) -> str:
+        return k.rpartition(".")[2]
+
+    # the whole path decides, but the last part must look alike too (not just a shared `strategy.`)
+    scores = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in candidates
+                     if difflib.SequenceMatcher(None, leaf(key), leaf(k)).ratio() >= 0.6), reverse=True)
+    best = [k for r, k in scores if r >= 0.6 and r >= scores[0][0] - 0.02] if scores else []
+    if best:
+        return "did you mean " + " or ".join(dict.fromkeys(candidates[k] for k in best[:2])) + "?"
+    parent = key.rpartition(".")[0]
+    siblings = sorted(leaf(k) for k in all_keys if k.rpartition(".")[0] == parent and not leaf(k).startswith("_"))
+    return f"the keys {'under ' + parent if parent else 'at the top level'} are: {', '.join(siblings)}" if siblings else ""
+
+
+def _compose(config_name: str, overrides: list[str], hydra_cfg: bool = False) -> DictConfig | None:
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name, overrides=overrides, return_hydra_config=hydra_cfg)
+    except Exception:  # noqa: BLE001 - Hydra reports what it refuses itself
+        return None
+
+
+def _first_writable_problem(folder: Path) -> str | None:
+    """Why the run folder ``folder`` cannot be created or written (None when it can)."""
+    p = folder
+    while not p.exists():
+        if p.parent == p:
+            return None
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    try:
+        read_only = os.statvfs(p).f_flag & os.ST_RDONLY
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"{p} is on a read-only file system"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
+
+
+def command_line_error(config_name: str, argv: list[str]) -> str | None:
+    """The one-line message for a mistake on the command line that Hydra would report badly, or None.
+
+    * a key the composed config does not have (``strategy.latency_targte=0.5``): Hydra's tip is to
+      add it with ``+``; here the close matches among the config's keys are named (difflib), and a
+      renamed key's new spelling;
+    * a run folder that cannot be created (a read-only file system, no permission), which Hydra
+      reports with a traceback from its own ``mkdir``.
+
+    The config is composed once with Hydra's compose API (about as long as Hydra's own composition);
+    anything else Hydra refuses (an unknown option of a group, a malformed override) is left to it.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return None
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.experimental_rerun:
+        return None
+    config_name = args.config_name or config_name
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra's message names it
+        return None
+    groups = _config_groups()
+    is_group = [o.key_or_group in groups or "/" in o.key_or_group for o in overrides]
+    if any(g and o.is_sweep_override() for o, g in zip(overrides, is_group)):
+        return None  # the keys differ between the options swept
+    plain = [o for o, g in zip(overrides, is_group) if not g and o.type == OverrideType.CHANGE and o.package is None
+             and not o.key_or_group.startswith("hydra.")]
+    structural = [o.input_line for o in overrides if o not in plain and not o.is_sweep_override()]
+    full = _compose(config_name, [*structural, *(o.input_line for o in plain if not o.is_sweep_override())],
+                    hydra_cfg=True)
+    cfg = full if full is not None else _compose(config_name, structural)
+    if cfg is None:
+        return None
+    all_keys = [k for k in _dotted_keys(cfg) if not k.startswith("hydra")]
+    keys = [k for k in all_keys if not isinstance(OmegaConf.select(cfg, k, throw_on_resolution_failure=False),
+                                                             DictConfig)]
+    for o in plain:
+        key = o.key_or_group
+        if _unknown_key(cfg, key):
+            value = None if o.is_sweep_override() else o.input_line.partition("=")[2]
+            hint = _suggestion(key, value, keys, all_keys)
+            return (f"{key} is not a key of the {config_name} config" + (f"; {hint}" if hint else "")
+                    + f" (to add a new key on purpose, write +{o.input_line})")
+    if full is not None:
+        try:
+            folder = Path(str(full.hydra.sweep.dir if args.multirun else full.hydra.run.dir))
+        except Exception:  # noqa: BLE001 - a folder that only resolves inside a job: not checked here
+            return None
+        problem = _first_writable_problem(folder)
+        if problem:
+            return (f"cannot create the run folder {folder}: {problem}; run from a folder you can write to, or "
+                    f"point the run folders elsewhere with HWNAS_OUTPUTS=<folder> (or hydra.run.dir=<folder>)")
+    return None
+
+
+def hydra_entry(app: Callable[..., Any], config_name: str | None = None) -> Callable[..., Any]:
     """The console entry point around a ``@hydra.main`` function.
 
+    Before Hydra runs: a renamed key (:data:`RENAMED_KEYS`), a misspelled key and an unwritable run
+    folder (:func:`command_line_error`, with ``config_name``) stop with one line and exit 2.
     Hydra prints a command-line mistake it finds itself (an unknown config option, listing the
-    available ones; an unknown key) without a traceback, but exits 1; such mistakes exit 2 here,
-    like every :class:`UserError`. A crash inside a job keeps Hydra's exit code 1. Called with a
-    config (``main(cfg)``), it runs the app on that config as ``@hydra.main`` functions do.
+    available ones) without a traceback, but exits 1; such mistakes exit 2 here, like every
+    :class:`UserError`. A crash inside a job keeps Hydra's exit code 1. Called with a config
+    (``main(cfg)``), it runs the app on that config as ``@hydra.main`` functions do.
     """
 
     @functools.wraps(app)
     def main(cfg_passthrough: DictConfig | None = None):
         if cfg_passthrough is not None:
             return app(cfg_passthrough)
-        renamed = renamed_key_error(sys.argv[1:])
-        if renamed:
-            print(f"error: {renamed}", file=sys.stderr)
+        problem = renamed_key_error(sys.argv[1:])
+        if problem is None and config_name:
+            problem = command_line_error(config_name, sys.argv[1:])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
         try:
             return app()

@@ -191,7 +191,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     return value
 
 
-main = hydra_entry(_hydra_main)
+main = hydra_entry(_hydra_main, config_name="lut")
 
 
 if __name__ == "__main__":

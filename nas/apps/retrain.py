@@ -8,17 +8,21 @@ Writes checkpoints, ``model/`` (an export-format folder: arch.yaml, model.safete
 and ``retrain_report.json`` with ``test_acc``. Returns the test accuracy.
 
 Everything a user can get wrong (``init``, ``epochs``, the ``arch`` folder and its fit to the search
-space) is checked before torch, Lightning and timm are imported, so such a mistake is reported at once.
+space, the weights beside it, the teacher) is checked before any training.
 """
 from __future__ import annotations
 
-import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hydra
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from nas.apps.common import (
@@ -33,99 +37,28 @@ from nas.apps.common import (
     user_errors,
 )
 from nas.errors import UserError
-
-if TYPE_CHECKING:
-    import torch.nn as nn
+from nas.export import (
+    ARCH_FILE,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    build_from_arch_file,
+    count_model_flops,
+    count_params,
+    evaluate,
+    load_subnet,
+    save_weights,
+)
+from nas.io import export_onnx, write_json
+from nas.training import RetrainModule
+from supernets.arch import Arch, ArchError
+from supernets.space import SearchSpace, SpaceError
 
 INITS = ("scratch", "inherited")
-ARCH_FILE = "arch.yaml"  # as nas.export.ARCH_FILE (not imported from there: it imports torch and timm)
-
-_RETRAIN_MODULE = None
-
-
-def _retrain_module_class():
-    """``RetrainModule`` (a LightningModule), defined on first use so that importing this module stays
-    light; ``nas.apps.retrain.RetrainModule`` works as for a class defined at the top."""
-    global _RETRAIN_MODULE
-    if _RETRAIN_MODULE is None:
-        _RETRAIN_MODULE = _define_retrain_module()
-    return _RETRAIN_MODULE
-
-
-def __getattr__(name: str):
-    if name == "RetrainModule":
-        return _retrain_module_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _define_retrain_module():
-    import pytorch_lightning as pl
-    import torch
-    import torch.nn.functional as F
-
-    class RetrainModule(pl.LightningModule):
-        def __init__(self, net: nn.Module, *, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 4e-5,
-                     label_smoothing: float = 0.1, teacher: nn.Module | None = None, kd_alpha: float = 0.5,
-                     kd_temperature: float = 4.0):
-            super().__init__()
-            self.net = net
-            self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
-            self.opt_args = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
-            self.label_smoothing = label_smoothing
-            self.kd_alpha, self.kd_t = kd_alpha, kd_temperature
-
-        def forward(self, x):
-            return self.net(x)
-
-        def train(self, mode: bool = True):
-            super().train(mode)
-            if self.teacher is not None:
-                self.teacher.eval()  # the teacher's BatchNorm statistics stay fixed
-            return self
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            logits = self.net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-            if self.teacher is not None:
-                with torch.no_grad():
-                    t_logits = self.teacher(x)
-                t = self.kd_t
-                kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(t_logits / t, 1), log_target=True,
-                              reduction="batchmean") * t * t
-                loss = (1 - self.kd_alpha) * loss + self.kd_alpha * kd
-                self.log("train/kd", kd, on_epoch=True, on_step=False, batch_size=len(y))
-            self.log("train/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(y))
-            return loss
-
-        def _eval(self, batch, prefix):
-            x, y = batch
-            logits = self.net(x)
-            self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True,
-                     batch_size=len(y), sync_dist=True)
-            self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
-
-        def validation_step(self, batch, batch_idx):
-            self._eval(batch, "val")
-
-        def test_step(self, batch, batch_idx):
-            self._eval(batch, "test")
-
-        def configure_optimizers(self):
-            opt = torch.optim.SGD(self.net.parameters(), **self.opt_args)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 1))
-            return [opt], [sched]
-
-    RetrainModule.__qualname__ = "RetrainModule"
-    RetrainModule.__module__ = __name__
-    return RetrainModule
 
 
 def load_teacher(path: str | Path) -> nn.Module:
     """A teacher from an export or retrain folder (arch.yaml + model.safetensors), or a retrain
     ``model/`` folder; checkpoints are never unpickled."""
-    from nas.export import load_subnet
-
     p = Path(path).expanduser()
     if p.is_dir() and (p / "model" / "arch.yaml").exists():
         p = p / "model"
@@ -142,8 +75,6 @@ def _space_config(export_dir: Path, arch) -> tuple[dict, str]:
     the very space of the export (same fingerprint: e.g. searched with ``space.*`` overrides), else
     ``conf/space/<space>.yaml``.
     """
-    from supernets.space import SearchSpace
-
     for run_cfg in (export_dir.parent / ".hydra" / "config.yaml", export_dir.parent.parent / ".hydra" / "config.yaml"):
         if not arch.fingerprint or not run_cfg.is_file():
             continue
@@ -166,12 +97,7 @@ def _space_config(export_dir: Path, arch) -> tuple[dict, str]:
 
 
 def _read_arch_file(export_dir: Path):
-    """``(Arch, raw mapping)`` of ``<export_dir>/arch.yaml`` (as ``nas.export.read_arch_file``, without
-    importing torch)."""
-    import yaml
-
-    from supernets.arch import Arch, ArchError
-
+    """``(Arch, raw mapping)`` of ``<export_dir>/arch.yaml``."""
     path = export_dir / ARCH_FILE
     if not path.is_file():
         raise UserError(f"no architecture file at {path}; pass an export folder written by nas-search "
@@ -188,9 +114,6 @@ def check_arch_file(export_dir: Path) -> tuple[Any, dict]:
     its search space: every decision present with an allowed choice, and ``arch_def`` / ``timm`` (what
     the network is built from) equal to what the space makes of those choices (a hand-edited file may
     disagree)."""
-    from supernets.arch import ArchError
-    from supernets.space import SearchSpace, SpaceError
-
     arch_file = export_dir / ARCH_FILE
     arch, raw = _read_arch_file(export_dir)
     space_dict, source = _space_config(export_dir, arch)
@@ -242,19 +165,6 @@ def run_retrain(cfg: DictConfig) -> float:
                         f"arch.yaml and model.safetensors)")
     arch, raw = check_arch_file(export_dir)
     in_chans = int(raw["timm"].get("in_chans", 3))
-
-    # ---- checks that need torch
-    import pytorch_lightning as pl
-    import torch
-
-    from nas.export import (
-        build_from_arch_file,
-        count_model_flops,
-        count_params,
-        evaluate,
-        load_subnet,
-    )
-
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.init == "inherited":
         net = load_subnet(export_dir)
@@ -274,9 +184,10 @@ def run_retrain(cfg: DictConfig) -> float:
                                 f"{arch.num_classes}")
 
     out_dir = Path(cfg.out_dir)
-    module = _retrain_module_class()(net, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                     weight_decay=cfg.optim.weight_decay, label_smoothing=cfg.optim.label_smoothing,
-                                     teacher=teacher, kd_alpha=cfg.kd.alpha, kd_temperature=cfg.kd.temperature)
+    # RetrainModule puts the student in train() when fit starts (load_subnet returns it in eval)
+    module = RetrainModule(net, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                           label_smoothing=cfg.optim.label_smoothing, teacher=teacher, kd_alpha=cfg.kd.alpha,
+                           kd_temperature=cfg.kd.temperature)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True,
                                         monitor="val/acc", mode="max", save_top_k=1)
     trainer = pl.Trainer(**trainer_kwargs(cfg), logger=make_logger(cfg.get("logger")),
@@ -302,7 +213,7 @@ def run_retrain(cfg: DictConfig) -> float:
         "checkpoint": ckpt.best_model_path or ckpt.last_model_path,
     }
     _write_model_folder(out_dir / "model", export_dir, net, arch, in_chans)
-    (out_dir / "retrain_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "retrain_report.json", report)
     print(f"retrained {export_dir} ({cfg.init}" + (f", teacher {cfg.teacher}" if cfg.get("teacher") else "")
           + f", {epochs} epoch{'s' if epochs != 1 else ''}) in {report['seconds']:.0f} s: "
           f"test acc {100 * test_acc:.2f}%, val acc {100 * val_acc:.2f}%\n"
@@ -312,18 +223,10 @@ def run_retrain(cfg: DictConfig) -> float:
 
 def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_chans: int = 3) -> None:
     """The retrained net in the export format (loadable by ``load_subnet``, usable as a teacher)."""
-    import tempfile
-
-    import torch
-    from safetensors.torch import save_file
-
-    from nas.export import ONNX_FILE, WEIGHTS_FILE
-    from nas.io import export_onnx
-
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".model.tmp-"))
     try:
         shutil.copy(export_dir / ARCH_FILE, tmp / ARCH_FILE)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+        save_weights(net, tmp / WEIGHTS_FILE, arch)
         export_onnx(net, torch.zeros(1, in_chans, arch.resolution, arch.resolution), str(tmp / ONNX_FILE),
                     dynamic_batch=True)
         if dst.exists():
@@ -340,7 +243,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     return run_retrain(cfg)
 
 
-main = hydra_entry(_hydra_main)
+main = hydra_entry(_hydra_main, config_name="retrain")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
     measured = None
     if cfg.export.measure:
         (measured,) = measure_archs(space, [arch], device, reference_ms=cost_model.meta.get("reference_ms"))
+    miss_pct, within = target_miss(measured, target)
     shape = (space.in_chans, space.resolution, space.resolution)
     report = {
         "label": label,
@@ -70,6 +71,8 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
             "predicted": predicted,
             "measured": measured,
             "target": target,
+            "miss_pct": miss_pct,
+            "within_target": within,
             "device": device.name,
             "device_fingerprint": device.fingerprint_id(),
             "batch_size": device.batch_size,
@@ -96,23 +99,50 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
     return report
 
 
+#: An export measured more than this fraction above its target is flagged (summary and report.json).
+TARGET_TOLERANCE = 0.10
+
+
+def target_miss(measured: float | None, target: float | None) -> tuple[float | None, bool | None]:
+    """``(miss_pct, within_target)`` of a measured export: how far above (+) or below (-) its target it
+    was measured, in %, and whether it stays within :data:`TARGET_TOLERANCE` above it (a target is a
+    budget: below it is within). ``(None, None)`` without a measurement or a target."""
+    if measured is None or target is None or not target > 0:
+        return None, None
+    miss = round(100.0 * (float(measured) / float(target) - 1.0), 2)
+    return miss, bool(miss <= 100 * TARGET_TOLERANCE)
+
+
 def print_summary(reports: list[dict[str, Any]], total_seconds: float, unit: str = "ms",
                   kind: str = "latency") -> None:
     """One row per export, then each export's folder on a line of its own (copyable, never wrapped
-    inside a table cell) and the command that retrains it."""
+    inside a table cell) and the command that retrains it. An export measured more than
+    :data:`TARGET_TOLERANCE` above its target is marked in its row and named in a warning below."""
     console = Console()
     if not console.is_terminal:  # piped or logged: no terminal width to fit, do not squeeze to 80
         console = Console(width=160)
     table = Table(title=f"hwnas search: done in {total_seconds:.0f} s")
-    for col in ("export", "architecture", f"{kind} pred / meas ({unit})", "target", "params", "MFLOPs", "val acc"):
+    for col in ("export", "architecture", f"{kind} pred / meas ({unit})", "target", "meas vs target", "params",
+                "MFLOPs", "val acc"):
         table.add_column(col)
+    missed = []
     for r in reports:
         lat = r["latency_ms"]
         meas = f"{lat['measured']:.3f}" if lat["measured"] is not None else "-"
         tgt = f"{lat['target']:.3f}" if lat["target"] is not None else "-"
-        table.add_row(r["label"], " ".join(r["arch"].values()), f"{lat['predicted']:.3f} / {meas}", tgt,
+        miss, within = lat.get("miss_pct"), lat.get("within_target")
+        vs = "-" if miss is None else f"{miss:+.1f}%" + ("" if within else " OVER")
+        if within is False:
+            missed.append(r)
+        table.add_row(r["label"], " ".join(r["arch"].values()), f"{lat['predicted']:.3f} / {meas}", tgt, vs,
                       f"{r['params'] / 1e6:.3f}M", f"{r['flops'] / 1e6:.1f}", f"{100 * r['val_acc']:.2f}%")
     console.print(table)
+    for r in missed:
+        lat = r["latency_ms"]
+        print(f"warning: export {r['label']} was measured at {lat['measured']:.3f} {unit}, {lat['miss_pct']:.0f}% over "
+              f"its target {lat['target']:.3f} {unit} (predicted {lat['predicted']:.3f}): the latency table does not "
+              f"match this device now (rebuild it on a quiet machine with lut.rebuild=true), or the machine was "
+              f"busy while measuring")
     width = max(len(r["label"]) for r in reports)
     for r in reports:
         print(f"export {r['label']:<{width}}  {r['dir']}")
@@ -242,7 +272,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     return run_search(cfg)
 
 
-main = hydra_entry(_hydra_main)
+main = hydra_entry(_hydra_main, config_name="search")
 
 
 if __name__ == "__main__":

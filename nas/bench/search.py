@@ -13,7 +13,7 @@ At each latency budget B (fractions of the largest subnet's predicted latency):
   latency target); strategies that export per-budget architectures from one search (DDPNAS,
   ``derive_budget``) search once. A strategy is included when its module and config exist.
 
-Every architecture is trained from scratch by :class:`nas.apps.retrain.RetrainModule` with the same
+Every architecture is trained from scratch by :class:`nas.training.RetrainModule` with the same
 epochs, optimiser and seeds; identical architectures are trained once. Latencies of all of them are
 then measured end to end on the device in one interleaved pass (table units). ``anchors`` adds the
 space's smallest and largest nets, whose accuracy gap shows how much architecture matters on the
@@ -56,8 +56,8 @@ def retrain(space, arch, datamodule, *, epochs: int, seed: int, lr: float = 0.05
     """Train ``arch`` from scratch (timm net, RetrainModule, SGD + cosine) and evaluate it."""
     import pytorch_lightning as pl
 
-    from nas.apps.retrain import RetrainModule
     from nas.export import evaluate
+    from nas.training import RetrainModule
     from supernets.blocks import space_timm_net
 
     t0 = time.perf_counter()

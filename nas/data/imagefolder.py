@@ -1,10 +1,17 @@
-"""`data=imagefolder`: a user's own images in `<root>/train/<class>/*` and `<root>/val/<class>/*`."""
+"""`data=imagefolder`: a user's own images in `<root>/train/<class>/*` and `<root>/val/<class>/*`.
+
+Every image file is checked when the data module is made, before any work: a file that is not an
+image (a text file named ``.jpg``) or is cut short (a JPEG without its end marker, a PNG without its
+``IEND`` chunk) is skipped, and one warning names the skipped files and their count. The check reads
+each file's header and its last bytes only (no decoding), so it stays quick for large folders.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision import transforms as T
@@ -42,6 +49,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.test_dir = self.root / test_dir
         self.classes = self._check_layout()
         self.num_classes = len(self.classes)
+        self.skipped = self._check_images()
 
     def _layout_hint(self) -> str:
         return (
@@ -81,6 +89,11 @@ class ImageFolderDataModule(ImageDataModule):
                 )
             found[key] = classes
         train_classes, test_classes = found["data.train_dir"], found["data.test_dir"]
+        if len(train_classes) < 2:
+            raise UserError(
+                f"{self.train_dir} has {len(train_classes)} class folder ({_preview(train_classes)}); a classifier "
+                f"needs at least 2 classes, each in a subfolder of its own.\n{self._layout_hint()}"
+            )
         if train_classes != test_classes:
             missing = sorted(set(train_classes) - set(test_classes))
             extra = sorted(set(test_classes) - set(train_classes))
@@ -93,10 +106,32 @@ class ImageFolderDataModule(ImageDataModule):
             )
         return train_classes
 
+    def _check_images(self) -> dict[str, str]:
+        """``{path: problem}`` of the image files that cannot be read (skipped by the loaders), with one
+        warning naming them; a class left without a readable image is refused."""
+        skipped: dict[str, str] = {}
+        for split_dir in (self.train_dir, self.test_dir):
+            for name in self.classes:
+                files = [os.path.join(d, f) for d, _, fs in os.walk(split_dir / name, followlinks=True)
+                         for f in sorted(fs) if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+                bad = {f: p for f in files if (p := image_problem(f))}
+                if len(bad) == len(files):
+                    raise UserError(f"none of the {len(files)} image file(s) in {split_dir / name} can be read "
+                                    f"(e.g. {next(iter(bad))}: {next(iter(bad.values()))}); replace them")
+                skipped.update(bad)
+        if skipped:
+            shown = "; ".join(f"{f} ({p})" for f, p in list(skipped.items())[:5])
+            more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            print(f"warning: skipping {len(skipped)} unreadable image file(s) of {self.root}: {shown}{more}")
+        return skipped
+
+    def _readable(self, path: str) -> bool:
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and path not in self.skipped
+
     def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         try:
-            raw_train = datasets.ImageFolder(str(self.train_dir))
-            raw_test = datasets.ImageFolder(str(self.test_dir))
+            raw_train = datasets.ImageFolder(str(self.train_dir), is_valid_file=self._readable)
+            raw_test = datasets.ImageFolder(str(self.test_dir), is_valid_file=self._readable)
         except FileNotFoundError as err:  # the folders changed since construction
             raise UserError(
                 f"Could not read the image folder {self.root}: {err}\n{self._layout_hint()}"
@@ -113,6 +148,30 @@ class ImageFolderDataModule(ImageDataModule):
             Subset(TransformedDataset(raw_train, eval_tf), arch_idx),
             TransformedDataset(raw_test, eval_tf),
         )
+
+
+def image_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the image file ``path`` cannot be used (None when it can): not an image, or cut short.
+    Reads the header and the last 2 KB only."""
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+    except UnidentifiedImageError:
+        return "not an image"
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 2048))
+            tail = f.read()
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end marker)"
+    if fmt == "PNG" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
 
 
 def _has_image(directory: Path) -> bool:

@@ -123,13 +123,18 @@ def table_path(cache_dir: str | os.PathLike, space: SearchSpace, device, num_cla
 #: A table measured with fewer of its timed calls uninterrupted than this is not trusted.
 MIN_CLEAN_FRACTION = 0.5
 
+#: How to get a table trusted, or to use it anyway (the end of every refusal).
+REMEDY = ("Rebuild it on a quiet machine (`lut.rebuild=true`, nothing else running), or use it anyway with "
+          "`lut.accept_untrusted=true`")
+
 
 def trust_problems(table: LatencyTable, bar: Mapping[str, float] | None) -> list[str]:
     """Why ``table`` should not be used without the user's say ([] when it meets ``bar``).
 
     ``bar`` is the device's: ``{"within_10pct": fraction, "spearman": value}`` on the table's own
-    validation (:mod:`nas.latency.validate`); a table measured while other processes interrupted
-    most timed calls (``clean_fraction`` under :data:`MIN_CLEAN_FRACTION`) fails as well.
+    validation (:mod:`nas.latency.validate`); a validation that could not rank (Spearman not a
+    number) fails it too. A table measured while other processes interrupted most timed calls
+    (``clean_fraction`` under :data:`MIN_CLEAN_FRACTION`) fails whatever its bar.
     """
     problems = []
     clean = (table.meta.get("method") or {}).get("clean_fraction")
@@ -138,7 +143,9 @@ def trust_problems(table: LatencyTable, bar: Mapping[str, float] | None) -> list
     v = table.meta.get("validation") or {}
     if bar and v:
         w, s = v.get("within_10pct"), v.get("spearman")
-        if (w is not None and w < bar["within_10pct"]) or (s is not None and s < bar["spearman"]):
+        bad_w = w is not None and not w >= bar["within_10pct"]
+        bad_s = s is not None and not s >= bar["spearman"]  # NaN fails
+        if bad_w or bad_s:
             problems.append(f"its validation on {v.get('n')} subnets gave {100 * (w or 0):.0f}% within +-10% and "
                             f"Spearman {s if s is not None else float('nan'):.2f}, below this device's bar "
                             f"({100 * bar['within_10pct']:.0f}%, {bar['spearman']:.2f})")
@@ -147,17 +154,34 @@ def trust_problems(table: LatencyTable, bar: Mapping[str, float] | None) -> list
 
 def check_trusted(table: LatencyTable, path: str | os.PathLike, *, bar: Mapping[str, float] | None,
                   accept_untrusted: bool = False, log=print) -> None:
-    """Stop (:class:`UserError`) on a table below its bar unless the user accepted it; then warn."""
+    """Stop (:class:`UserError`) on a table below its bar unless the user accepted it; then warn (and
+    mark it ``meta["untrusted"]``, which an unreachable-target message then blames)."""
     problems = trust_problems(table, bar)
     if not problems:
         return
     why = "; ".join(problems)
     if not accept_untrusted:
-        raise UserError(f"latency table {path} is not trustworthy: {why}. Rebuild it on a quiet machine "
-                        f"(`lut.rebuild=true`, nothing else running), or use it anyway with "
-                        f"`lut.accept_untrusted=true`")
+        raise UserError(f"latency table {path} is not trustworthy: {why}. {REMEDY}")
     table.meta["untrusted"] = why
     log(f"warning: using latency table {path} although {why} (lut.accept_untrusted=true)")
+
+
+def rejected_path(path: str | os.PathLike) -> Path:
+    """Where a freshly built table that failed its check is kept (beside the cache, never used unasked)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".rejected.json")
+
+
+def _load_current(path: Path, space: SearchSpace, device, log) -> LatencyTable | None:
+    """The table at ``path`` if it has the current format, else None."""
+    try:
+        version = json.loads(path.read_text()).get("version")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        version = None
+    if version != TABLE_VERSION:
+        log(f"cached latency table {path} has format version {version}; rebuilding it")
+        return None
+    return LatencyTable.load(path, space, device.fingerprint_id(), warn=log)
 
 
 def load_or_build_table(space: SearchSpace, device, num_classes: int, cache_dir: str | os.PathLike,
@@ -168,37 +192,51 @@ def load_or_build_table(space: SearchSpace, device, num_classes: int, cache_dir:
     A freshly built table is validated on ``validate_samples`` random subnets (plus the largest and
     smallest; 0 skips it) so that the search reports how far to trust it; ``nas-lut`` validates
     with more. A cached file of an older format is rebuilt. A table below the device's bar
-    (:func:`trust_problems`) stops the run unless ``accept_untrusted``: a freshly built one is then
-    kept beside the cache as ``*.rejected.json`` for inspection, not cached.
+    (:func:`trust_problems`) stops the run with one line unless ``accept_untrusted``: a freshly built
+    one is then kept beside the cache as ``*.rejected.json``, not cached, and a later run with
+    ``accept_untrusted`` takes that file (no second build) and caches it. Interrupted (Ctrl-C), the
+    build leaves nothing in the cache.
     """
     bar = device.trust_bar
     path = table_path(cache_dir, space, device, num_classes)
-    if path.exists() and not rebuild:
-        try:
-            version = json.loads(path.read_text()).get("version")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            version = None
-        if version == TABLE_VERSION:
-            table = LatencyTable.load(path, space, device.fingerprint_id(), warn=log)
-            check_trusted(table, path, bar=bar, accept_untrusted=accept_untrusted, log=log)
-            return table
-        log(f"cached latency table {path} has format version {version}; rebuilding it")
+    rejected = rejected_path(path)
+    if not rebuild:
+        if path.exists():
+            table = _load_current(path, space, device, log)
+            if table is not None:
+                check_trusted(table, path, bar=bar, accept_untrusted=accept_untrusted, log=log)
+                return table
+        elif accept_untrusted and rejected.exists():
+            table = _load_current(rejected, space, device, log)
+            if table is not None:
+                check_trusted(table, rejected, bar=bar, accept_untrusted=True, log=log)
+                table.save(path)
+                rejected.unlink()
+                log(f"latency table {rejected} accepted and cached as {path}")
+                return table
     log(f"building latency table for space {space.name} on {device.name} -> {path}")
-    table = build_latency_table(space, device, num_classes, progress=progress)
-    log(f"latency table built in {table.meta['build_seconds']:.1f} s: {len(table.entries)} entries, "
-        f"overhead model {table.meta['overhead']['model']} (scale {table.meta['scale']:.3f}, "
-        f"{table.meta['per_block_ms']:+.4f} ms/block, {table.meta['overhead_ms']:+.3f} ms), "
-        f"range {table.bounds()[0]:.3f}-{table.bounds()[1]:.3f} ms")
-    if validate_samples > 0:
-        report = validate_table(table, device, samples=validate_samples, retest=False, progress=progress)
-        s = report["summary"]
-        log(f"validated on {s['n']} subnets: {100 * s['within_10pct']:.0f}% within +-10%, "
-            f"Spearman {s['spearman']:.3f}, RMSE {s['rmse_pct']:.1f}%")
-    if trust_problems(table, bar) and not accept_untrusted:
-        rejected = path.with_name(path.stem + ".rejected.json")
+    try:
+        table = build_latency_table(space, device, num_classes, progress=progress)
+        log(f"latency table built in {table.meta['build_seconds']:.1f} s: {len(table.entries)} entries, "
+            f"overhead model {table.meta['overhead']['model']} (scale {table.meta['scale']:.3f}, "
+            f"{table.meta['per_block_ms']:+.4f} ms/block, {table.meta['overhead_ms']:+.3f} ms), "
+            f"range {table.bounds()[0]:.3f}-{table.bounds()[1]:.3f} ms")
+        if validate_samples > 0:
+            report = validate_table(table, device, samples=validate_samples, retest=False, progress=progress)
+            s = report["summary"]
+            log(f"validated on {s['n']} subnets: {100 * s['within_10pct']:.0f}% within +-10%, "
+                f"Spearman {s['spearman']:.3f}, RMSE {s['rmse_pct']:.1f}%")
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"while building the latency table for space {space.name} on {device.name}; "
+                                f"nothing was cached, the next run builds it again") from None
+    problems = trust_problems(table, bar)
+    if problems and not accept_untrusted:
         table.save(rejected)
-        log(f"the table is kept for inspection in {rejected}, not cached")
-        check_trusted(table, path, bar=bar, accept_untrusted=False, log=log)
+        raise UserError(f"the latency table just built for space {space.name} on {device.name} is not "
+                        f"trustworthy: {'; '.join(problems)}. It was not cached (kept for inspection in "
+                        f"{rejected}). {REMEDY}")
     check_trusted(table, path, bar=bar, accept_untrusted=accept_untrusted, log=log)
     table.save(path)
+    if rejected.exists():
+        rejected.unlink()
     return table

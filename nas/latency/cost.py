@@ -194,12 +194,16 @@ class CostModel:
 
     def resolve_target(self, target: float | str | None) -> float | None:
         """A target in this model's unit from ``0 < x <= 1`` (fraction of the most expensive
-        architecture), a number ``> 1`` or a string like ``"2.5ms"`` (absolute). Unreachable targets
-        are refused with the smallest reachable value."""
+        architecture), a number ``> 1`` or a string like ``"2.5ms"`` (absolute). Targets outside the
+        reachable range are refused with the range (below it: blaming the table where it is suspect,
+        see :meth:`suspect`)."""
         if target is None or target == "" or (isinstance(target, str) and target.lower() == "none"):
             return None
         lo, hi = self.bounds()
         unit = self.unit
+        allowed = (f"a target is a fraction of the largest subnet's {self.kind} (0 < x <= 1, e.g. 0.5) or an "
+                   f"absolute value such as '{hi / 2:.3g}{unit}' (a bare number above 1 is read as {unit}); this "
+                   f"space reaches {lo:.4g}-{hi:.4g} {unit}")
         if isinstance(target, str):
             t = target.strip().lower()
             try:
@@ -211,19 +215,51 @@ class CostModel:
                     value = float(t)
                     value = value * hi if 0 < value <= 1 else value
             except ValueError:
-                raise UserError(f"latency target {target!r} is not a number; give a fraction of the largest "
-                                f"subnet (e.g. 0.5) or an absolute value (e.g. '{hi / 2:.3g}{unit}')") from None
+                raise UserError(f"strategy.targets: {target!r} is not a number; {allowed}") from None
         else:
             value = float(target)
             value = value * hi if 0 < value <= 1 else value
         if not math.isfinite(value) or value <= 0:
-            raise UserError(f"target {target!r} must be positive")
+            raise UserError(f"strategy.targets: {target!r} is not allowed: {allowed}")
+        if value > hi * (1 + 1e-9):
+            raise UserError(
+                f"strategy.targets: {target!r} = {value:.4g} {unit} is above the largest reachable {self.kind} of "
+                f"this space ({hi:.4g} {unit}), so it constrains nothing; {allowed}")
         if value < lo:
+            suspect = self.suspect()
+            if suspect:
+                raise UserError(
+                    f"target {target!r} = {value:.4g} {unit} is below the smallest reachable {self.kind} of this "
+                    f"space according to the latency table ({lo:.4g} {unit}, fraction {lo / hi:.3f} of the largest), "
+                    f"but the table itself is suspect: {suspect}. Rebuild it on a quiet machine "
+                    f"(`lut.rebuild=true`, nothing else running), then try the target again")
             raise UserError(
                 f"target {target!r} = {value:.4g} {unit} is below the smallest reachable {self.kind} of this "
                 f"space ({lo:.4g} {unit}, fraction {lo / hi:.3f} of the largest); choose a target >= "
                 f"{lo:.4g}{unit} or a fraction >= {lo / hi:.3f}")
         return value
+
+    #: A measured table whose smallest net costs more than this fraction of its largest is suspect: the
+    #: smallest nets skip most blocks (``zero``) and run the cheapest ops. Tables measured on a busy
+    #: machine came out at 0.935 (mbv2_tiny on 2 loaded cores); ONNX Runtime on a quiet one at 0.37.
+    IMPLAUSIBLE_RATIO = 0.9
+
+    def suspect(self) -> str | None:
+        """Why this cost model's numbers should not be believed (None for an exact count, or a
+        measured table that passed its check and spans a plausible range)."""
+        if not self.measured:
+            return None
+        untrusted = self.meta.get("untrusted")
+        if untrusted:
+            return f"it was accepted with lut.accept_untrusted although {untrusted}"
+        lo, hi = self.bounds()
+        if hi > 0 and lo / hi > self.IMPLAUSIBLE_RATIO:
+            return (f"it puts the smallest subnet at {lo / hi:.3f} of the largest, which is implausible for subnets "
+                    f"that skip most blocks (a table measured while other processes ran looks like this)")
+        return None
+
+    #: True for measured costs (a latency table), False for exact counts.
+    measured = False
 
     def resolve_targets(self, targets: Any) -> dict[str, float]:
         """``{label: value}`` for ``strategy.targets`` (a list, or one value), largest first.

@@ -323,7 +323,7 @@ class Device(Hardware):
                 raise UserError(f"lut.path={file} does not exist; build a table with `nas-lut space={space.name} "
                                 f"hardware={self.name}` or drop lut.path to use the cache")
             table = LatencyTable.load(file, space, self.fingerprint_id(), warn=log)
-            check_trusted(table, file, accept_untrusted=accept_untrusted, log=log)
+            check_trusted(table, file, bar=self.trust_bar, accept_untrusted=accept_untrusted, log=log)
             return table
         if cache_dir is None:
             raise UserError("a timed device needs lut.cache_dir (or lut.path) for its latency table")

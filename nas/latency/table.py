@@ -56,6 +56,7 @@ class LatencyTable(CostModel):
 
     kind = "latency"
     unit = "ms"
+    measured = True
 
     def __init__(self, space, layer_costs, fixed, meta=None, entries=None, width_costs=None, head_delta=None):
         super().__init__(space, layer_costs, fixed, meta, width_costs, head_delta)
