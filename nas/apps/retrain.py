@@ -12,7 +12,6 @@ space) is checked before torch, Lightning and timm are imported, so such a mista
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from nas.apps.common import (
     check_progress,
     hydra_entry,
     instantiate,
+    logged_run,
     make_logger,
-    progress_callbacks,
     trainer_kwargs,
     user_errors,
 )
@@ -232,7 +231,7 @@ def run_retrain(cfg: DictConfig) -> float:
         raise UserError("arch is required: pass the export folder of a search, e.g. "
                         "`nas-retrain arch=outputs/search/<date>/<time>/export`")
     epochs = check_epochs(cfg.epochs, "epochs")
-    check_progress(cfg.get("progress", "rich"))
+    check_progress(cfg.get("progress", "auto"))
     export_dir = Path(str(cfg.arch)).expanduser()
     if not export_dir.exists():
         raise UserError(f"arch={export_dir} does not exist; pass the export folder of a search, e.g. "
@@ -247,6 +246,7 @@ def run_retrain(cfg: DictConfig) -> float:
     import pytorch_lightning as pl
     import torch
 
+    from nas.apps.progress import progress_callbacks
     from nas.export import (
         build_from_arch_file,
         count_model_flops,
@@ -254,6 +254,7 @@ def run_retrain(cfg: DictConfig) -> float:
         evaluate,
         load_subnet,
     )
+    from nas.io import write_json
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.init == "inherited":
@@ -302,7 +303,7 @@ def run_retrain(cfg: DictConfig) -> float:
         "checkpoint": ckpt.best_model_path or ckpt.last_model_path,
     }
     _write_model_folder(out_dir / "model", export_dir, net, arch, in_chans)
-    (out_dir / "retrain_report.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "retrain_report.json", report)
     print(f"retrained {export_dir} ({cfg.init}" + (f", teacher {cfg.teacher}" if cfg.get("teacher") else "")
           + f", {epochs} epoch{'s' if epochs != 1 else ''}) in {report['seconds']:.0f} s: "
           f"test acc {100 * test_acc:.2f}%, val acc {100 * val_acc:.2f}%\n"
@@ -318,7 +319,7 @@ def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_ch
     from safetensors.torch import save_file
 
     from nas.export import ONNX_FILE, WEIGHTS_FILE
-    from nas.io import export_onnx
+    from nas.io import export_onnx, usual_modes
 
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".model.tmp-"))
     try:
@@ -326,6 +327,7 @@ def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_ch
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         export_onnx(net, torch.zeros(1, in_chans, arch.resolution, arch.resolution), str(tmp / ONNX_FILE),
                     dynamic_batch=True)
+        usual_modes(tmp)  # mkdtemp's folder is 0700 and safetensors writes 0600
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
@@ -335,6 +337,7 @@ def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_ch
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
+@logged_run
 @user_errors
 def _hydra_main(cfg: DictConfig) -> float:
     return run_retrain(cfg)

@@ -29,11 +29,12 @@ from nas.apps.common import (
     make_cost_model,
     make_device,
     make_logger,
+    logged_run,
     make_space,
-    progress_callbacks,
     trainer_kwargs,
     user_errors,
 )
+from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
 from nas.export import count_model_flops, count_params, evaluate, write_export
 from nas.latency.measure import measure_archs
@@ -122,7 +123,7 @@ def print_summary(reports: list[dict[str, Any]], total_seconds: float, unit: str
 def run_search(cfg: DictConfig) -> float:
     t_start = time.perf_counter()
     # ---- everything a user can get wrong is checked here, before any training
-    check_progress(cfg.get("progress", "rich"))
+    check_progress(cfg.get("progress", "auto"))
     if "epochs" in cfg.strategy:
         check_epochs(cfg.strategy.epochs, "strategy.epochs")
     run_dir = Path(cfg.export.dir).parent
@@ -181,14 +182,14 @@ def run_search(cfg: DictConfig) -> float:
                 n_exports = len(archs) * len(groups)
             reports += _export_all(cfg, module, archs, logger, single=n_exports == 1, space=space,
                                    datamodule=datamodule, device=device, cost_model=cost_model)
-        if reports:
-            print_summary(reports, time.perf_counter() - t_start, unit, kind)
-        return float(reports[0]["val_acc"]) if reports else 0.0
     finally:
         if wandb_run(logger) is not None:
             import wandb
 
-            wandb.finish()
+            wandb.finish(quiet=True)
+    if reports:  # the summary last, after W&B has closed its run
+        print_summary(reports, time.perf_counter() - t_start, unit, kind)
+    return float(reports[0]["val_acc"]) if reports else 0.0
 
 
 def checkpoint_callback(ckpt_dir: Path, checkpoint_cfg) -> pl.callbacks.ModelCheckpoint:
@@ -237,6 +238,7 @@ def _export_all(cfg, module, archs: dict[str, Any], logger, *, single: bool, spa
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
+@logged_run
 @user_errors
 def _hydra_main(cfg: DictConfig) -> float:
     return run_search(cfg)
