@@ -46,6 +46,15 @@ def _overrides(run: Path) -> str:
     return " ".join(str(o) for o in items if not str(o).startswith(("hydra.", "run_name=")))
 
 
+def _varying(rows: list[dict[str, Any]]) -> str:
+    """Drop from every row's ``overrides`` those all rows share; return the shared ones."""
+    sets = [r["overrides"].split() for r in rows]
+    common = [o for o in sets[0] if all(o in other for other in sets[1:])] if len(rows) > 1 else []
+    for r, items in zip(rows, sets):
+        r["overrides"] = " ".join(o for o in items if o not in common)
+    return " ".join(common)
+
+
 def _job_name(run: Path, root: Path) -> str:
     try:
         rel = run.relative_to(root)
@@ -109,6 +118,7 @@ def sweep_table(root: str | Path) -> tuple[Table | None, list[str]]:
     root = Path(root)
     rows = search_rows(root)
     if rows:
+        common = _varying(rows)
         table = Table(title=f"hwnas: {len(rows)} export{'s' if len(rows) != 1 else ''} under {root}")
         for col in ("job", "overrides", "export", "strategy", "pred / meas", "target", "params", "val acc"):
             table.add_column(col)
@@ -120,13 +130,15 @@ def sweep_table(root: str | Path) -> tuple[Table | None, list[str]]:
                           "-" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}%")
         best = max((r for r in rows if r["val_acc"] is not None and not r["over"]), key=lambda r: r["val_acc"],
                    default=None)
-        notes = [f"cost columns in the unit of each run's device ({', '.join(sorted({r['device'] for r in rows}))});"
+        notes = [f"every job: {common}"] if common else []
+        notes += [f"cost columns in the unit of each run's device ({', '.join(sorted({r['device'] for r in rows}))});"
                  f" OVER: measured more than {100 * OVER_TARGET:.0f}% above the target"]
         if best is not None:
             notes.append(f"best val acc within its target: job {best['job']} {best['export']}  {best['dir']}")
         return table, notes
     rrows = retrain_rows(root)
     if rrows:
+        common = _varying(rrows)
         table = Table(title=f"hwnas: {len(rrows)} retrain run{'s' if len(rrows) != 1 else ''} under {root}")
         for col in ("job", "overrides", "init", "epochs", "val acc", "test acc"):
             table.add_column(col)
@@ -134,7 +146,7 @@ def sweep_table(root: str | Path) -> tuple[Table | None, list[str]]:
             table.add_row(r["job"], r["overrides"] or "-", str(r["init"]), _num(r["epochs"], "d"),
                           "-" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}%",
                           "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f}%")
-        return table, []
+        return table, [f"every job: {common}"] if common else []
     return None, [f"no finished run under {root} (looked for report.json and retrain_report.json)"]
 
 
