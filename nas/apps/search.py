@@ -88,10 +88,12 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
     choices = space.decisions()
     plots = {}
     if any("probs" in h for h in module.history):
-        plots["arch_probs.png"] = lambda p: plot_choice_probs(module.history, choices, p)
+        plots["arch_probs.png"] = lambda p: plot_choice_probs(module.history, choices, p, chosen=dict(arch.choices))
     if any("expected" in h for h in module.history):
-        plots["latency_curve.png"] = lambda p: plot_cost_curve(module.history, p, target, cost_model.unit)
-    plots.update(module.extra_plots())
+        plots["latency_curve.png"] = lambda p: plot_cost_curve(
+            module.history, p, target, cost_model.unit, exported=predicted,
+            derived_label=f"derived each epoch ({getattr(module, 'derive_rule', 'argmax')} rule)")
+    plots.update(module.extra_plots(label, arch))
     write_export(out_dir, space=space, arch=arch, model=sub, report=report, plots=plots, onnx=bool(cfg.export.onnx))
     report["dir"] = str(out_dir)
     return report
