@@ -59,13 +59,13 @@ def fmt_seconds(s: float) -> str:
 
 
 def eta(done: float, total: float, elapsed: float, budget: float | None = None) -> str:
-    """``about 2 min 10 s left`` from the rate so far (and at most the time budget left)."""
+    """``about 2 min 10 s left`` from the rate so far; with a time ``budget`` (a pass that repeats
+    until its measurements are precise enough, or until the budget is spent) ``at most ... left``."""
+    if budget is not None:
+        return f"at most {fmt_seconds(max(0.0, budget - elapsed))} left (time limit {fmt_seconds(budget)})"
     if done <= 0 or total <= 0:
         return "estimating"
-    left = elapsed / done * max(0.0, total - done)
-    if budget is not None:
-        left = min(left, max(0.0, budget - elapsed))
-    return f"about {fmt_seconds(left)} left"
+    return f"about {fmt_seconds(elapsed / done * max(0.0, total - done))} left"
 
 
 class _Task:
@@ -123,10 +123,8 @@ class PlainProgress:
         self._maybe_print(task)
 
     def _maybe_print(self, task: _Task) -> None:
-        now = time.perf_counter()
-        if task.completed >= task.total and task.total > 0:
-            self._print(task, final=True)
-        elif now - task.last_print >= self.every:
+        # the last line comes from __exit__: an adaptive pass may still raise its total
+        if time.perf_counter() - task.last_print >= self.every:
             self._print(task)
 
     def _print(self, task: _Task, final: bool = False) -> None:
@@ -198,11 +196,15 @@ def log_only(line: str) -> None:
 
 @contextlib.contextmanager
 def run_log(path: str | Path) -> Iterator[Path]:
-    """Copy standard output and standard error into ``path`` (appended) while the block runs."""
+    """Copy standard output and standard error into ``path`` (appended) while the block runs; both
+    streams are line-buffered meanwhile, so that a pipe or a cluster log gets each line when printed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as log:
         out, err = sys.stdout, sys.stderr
+        for stream in (out, err):  # a pipe is block-buffered: a line must show when it is printed
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(line_buffering=True)
         sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
         _ACTIVE_LOG.append(log)
         try:

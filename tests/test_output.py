@@ -111,8 +111,9 @@ def test_table_measurement_shows_items_done_and_an_estimate_in_a_pipe(capsys):
     res = device.measure(items, progress=True, desc="latency table test")
     assert set(items) <= set(res)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "latency table test: 0/12 items, started"
-    assert re.fullmatch(r"latency table test: 12/12 items, done in \d+ s", lines[-1]), lines
+    assert lines[0] == "latency table test: 0/12 timed calls, started"
+    assert re.fullmatch(r"latency table test: 12/12 timed calls, done in \d+ s", lines[-1]), lines
+    assert len(lines) == 2, lines  # a pass of a second: no line per call
 
 
 def test_plain_progress_rate_and_estimate():
@@ -128,10 +129,15 @@ def test_plain_progress_rate_and_estimate():
     assert len(lines) == 2 and lines[0] == "build: 0/100 items, started"  # no line per item
     assert re.fullmatch(r"build: 150/150 items, done in \d+ s", lines[1])
     out = io.StringIO()
-    with PlainProgress(every=0, stream=out, budget=1e-9) as bar:
+    with PlainProgress(every=0, stream=out) as bar:
         task = bar.add_task("b", total=4)
         bar.advance(task)
-    assert out.getvalue().splitlines()[1].startswith("b: 1/4 items (25%), 0 s, about 0 s left")
+    assert re.fullmatch(r"b: 1/4 items \(25%\), 0 s, about 0 s left", out.getvalue().splitlines()[1])
+    out = io.StringIO()
+    with PlainProgress(every=0, stream=out, budget=50) as bar:  # a pass that stops at a time limit
+        task = bar.add_task("b", total=4)
+        bar.advance(task)
+    assert "at most 50 s left (time limit 50 s)" in out.getvalue().splitlines()[1]
     assert fmt_seconds(3725) == "1 h 02 min" and fmt_seconds(125) == "2 min 05 s"
 
 

@@ -546,7 +546,7 @@ class Device(Hardware):
     @staticmethod
     def _progress_bar(budget: float | None = None):
         """Items done / total, elapsed and an estimate: a rich bar on a terminal, plain lines elsewhere."""
-        return item_progress(budget=budget)
+        return item_progress(budget=budget, unit="timed calls")
 
 
 @register_hardware("cpu")
