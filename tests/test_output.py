@@ -299,3 +299,15 @@ def test_cost_curve_names_the_derive_rule_and_whole_epochs(tmp_path, monkeypatch
     assert "derived (argmax)" not in texts
     ticks = [t for t in texts if re.fullmatch(r"[\d.−-]+", t or "")]
     assert "1" in ticks and "0.5" not in ticks and "1.5" not in ticks  # whole epochs only
+
+
+@pytest.mark.slow
+def test_wandb_prints_nothing_and_the_summary_stays_last(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # as on a user's machine
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    run = run_app("nas.apps.search", *QUICK_SEARCH, "export.onnx=false", "logger=wandb", f"hydra.run.dir={run_dir}")
+    assert run.returncode == 0, run.describe()
+    assert list(run_dir.rglob("run-*.wandb")), "W&B wrote no run"
+    assert "wandb:" not in run.stdout + run.stderr, run.describe()
+    assert run.stdout.rstrip().splitlines()[-1].startswith("retrain: nas-retrain arch="), run.describe()

@@ -213,7 +213,13 @@ def make_logger(cfg_logger):
         for var, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "wandb-data"), ("WANDB_CACHE_DIR", "wandb-cache")):
             os.environ.setdefault(var, os.path.join(save_dir, sub))
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return instantiate(cfg_logger)
+    logger = instantiate(cfg_logger)
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous", False) is None:
+        # Lightning passes anonymous=None, and W&B warns that the setting "has no effect" (before its
+        # silent mode applies): leave the key out, as W&B asks
+        del init["anonymous"]
+    return logger
 
 
 def check_progress(kind: Any) -> str:

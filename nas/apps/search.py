@@ -188,7 +188,7 @@ def run_search(cfg: DictConfig) -> float:
         if wandb_run(logger) is not None:
             import wandb
 
-            wandb.finish(quiet=True)
+            wandb.finish()  # quiet: make_logger set WANDB_SILENT
     if reports:  # the summary last, after W&B has closed its run
         print_summary(reports, time.perf_counter() - t_start, unit, kind)
     return float(reports[0]["val_acc"]) if reports else 0.0
