@@ -311,3 +311,12 @@ def test_wandb_prints_nothing_and_the_summary_stays_last(tmp_path, monkeypatch):
     assert list(run_dir.rglob("run-*.wandb")), "W&B wrote no run"
     assert "wandb:" not in run.stdout + run.stderr, run.describe()
     assert run.stdout.rstrip().splitlines()[-1].startswith("retrain: nas-retrain arch="), run.describe()
+
+
+def test_lut_log_holds_the_report_and_no_raw_dict(tmp_path):
+    run = run_app("nas.apps.lut", "hardware=flops", "samples=3", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 0, run.describe()
+    log = (tmp_path / "lut.log").read_text()
+    assert f"validation report: {tmp_path / 'lut_validation.json'}" in log and "nas-lut build: done in" in log
+    assert run.stdout.rstrip().splitlines()[-1].startswith("nas-lut build: done in")
+    assert not re.search(r"\{'\w+': ", run.stdout), run.stdout
