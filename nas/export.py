@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nas.errors import UserError
-from nas.io import export_onnx
+from nas.io import export_onnx, usual_modes
 from supernets.arch import Arch, ArchError
 from supernets.blocks import build_timm_net
 from supernets.space import SearchSpace
@@ -93,6 +93,7 @@ def write_export(out_dir: str | os.PathLike, *, space: SearchSpace, arch: Arch, 
         full = dict(report)
         full["files"] = files + [REPORT_FILE]
         (tmp / REPORT_FILE).write_text(json.dumps(full, indent=2, default=_json_default))
+        usual_modes(tmp)  # mkdtemp's folder is 0700 and safetensors writes 0600
         if out_dir.exists():
             prev = out_dir.with_name(out_dir.name + ".prev")
             if prev.exists():

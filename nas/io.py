@@ -53,6 +53,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
+def usual_modes(path: str | os.PathLike) -> Path:
+    """Give ``path`` (a file, or a folder and everything in it) the usual permissions: 0644 files and
+    0755 folders under the default umask (``mkdtemp`` makes 0700 folders, safetensors 0600 files)."""
+    path = Path(path)
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -10,9 +10,6 @@ which takes minutes on a loaded machine), and every later search reuses it (timi
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

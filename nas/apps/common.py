@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from nas.console import PROGRESS_KINDS, resolve_progress, run_log
 from nas.errors import UserError
 from nas.latency import Hardware, create_hardware
 
@@ -28,22 +29,29 @@ def _gpus_per_node(accelerator: str, devices) -> int:
 
 OmegaConf.register_new_resolver("hwnas_gpus", _gpus_per_node, replace=True)
 
-#: Values of the ``progress`` option of every app.
-PROGRESS_KINDS = ("rich", "tqdm", "none")
 
 
 # ---------------------------------------------------------------------------------------- quiet output
+#: Lightning's INFO lines that say nothing a user of these apps needs: its cloud products
+#: ("💡 Tip: ... litlogger / litmodels"), the accelerators of this machine on every fit, the end of fit.
+_LIGHTNING_NOISE = ("💡 Tip", "GPU available:", "TPU available:", "HPU available:", "IPU available:",
+                    "`Trainer.fit` stopped:")
+
+
 class _DropLightningTips(logging.Filter):
-    """Lightning advertises its cloud products ("💡 Tip: ... litlogger / litmodels") on every fit."""
+    """Drops :data:`_LIGHTNING_NOISE` lines (the summary of the run says what matters)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "💡 Tip" not in record.getMessage()
+        msg = record.getMessage()
+        return not any(n in msg for n in _LIGHTNING_NOISE)
 
 
 def _quiet_third_party() -> None:
     # torch deprecated LeafSpec; Lightning's _pytree still builds one on every fit (FutureWarning)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # small data sets have fewer batches than log_every_n_steps: the epoch's metrics are logged anyway
+    warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
@@ -366,7 +374,7 @@ def make_cost_model(cfg, space, device: Hardware, num_classes: int, log=print):
     when missing) or, for ``hardware=flops|params``, the exact count."""
     lut = cfg.lut
     return device.cost_model(space, num_classes, cache_dir=lut.get("cache_dir"), rebuild=bool(lut.get("rebuild")),
-                             path=lut.get("path"), progress=cfg.get("progress", "rich") != "none", log=log,
+                             path=lut.get("path"), progress=cfg.get("progress", "auto") != "none", log=log,
                              accept_untrusted=bool(lut.get("accept_untrusted", False)))
 
 
@@ -374,17 +382,25 @@ def make_logger(cfg_logger):
     if cfg_logger is None or "_target_" not in cfg_logger:
         return False
     if "wandb" in str(cfg_logger._target_).lower():
-        # keep every W&B file inside the run directory
+        # keep every W&B file inside the run directory, and its console lines out of the user's output
+        os.environ.setdefault("WANDB_SILENT", "true")
         save_dir = str(cfg_logger.save_dir)
         for var, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "wandb-data"), ("WANDB_CACHE_DIR", "wandb-cache")):
             os.environ.setdefault(var, os.path.join(save_dir, sub))
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return instantiate(cfg_logger)
+    logger = instantiate(cfg_logger)
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous", False) is None:
+        # Lightning passes anonymous=None, and W&B warns that the setting "has no effect" (before its
+        # silent mode applies): leave the key out, as W&B asks
+        del init["anonymous"]
+    return logger
 
 
 def check_progress(kind: Any) -> str:
     if kind not in PROGRESS_KINDS:
-        raise UserError(f"progress={kind!r} unknown; choose one of: {', '.join(PROGRESS_KINDS)}")
+        raise UserError(f"progress={kind!r} unknown; choose one of: {', '.join(PROGRESS_KINDS)} (auto: a bar on "
+                        f"a terminal, plain lines in a pipe or a log)")
     return str(kind)
 
 
@@ -394,47 +410,27 @@ def check_epochs(value: Any, key: str) -> int:
     return value
 
 
-def _metrics_without_version(metrics: dict) -> dict:
-    metrics.pop("v_num", None)  # the logger's version number, not a metric
-    return metrics
-
-
-def _progress_bar_class(kind: str):
-    """Lightning's progress bar for ``kind`` without the ``v_num: 0.000`` entry (built on first use,
-    so that importing this module does not import Lightning)."""
-    name = {"rich": "QuietRichProgressBar", "tqdm": "QuietTQDMProgressBar"}[kind]
-    cls = globals().get(name)
-    if cls is None:
-        from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
-
-        base = RichProgressBar if kind == "rich" else TQDMProgressBar
-        cls = type(name, (base,), {
-            "get_metrics": lambda self, trainer, pl_module: _metrics_without_version(
-                base.get_metrics(self, trainer, pl_module)),
-            "__module__": __name__,
-            "__doc__": f"{base.__name__} without the logger's version number.",
-        })
-        globals()[name] = cls
-    return cls
-
-
-def __getattr__(name: str):  # unpickling a progress bar (e.g. ddp_spawn) finds its class here
-    kinds = {"QuietRichProgressBar": "rich", "QuietTQDMProgressBar": "tqdm"}
-    if name in kinds:
-        return _progress_bar_class(kinds[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def progress_callbacks(kind: str) -> list:
-    kind = check_progress(kind)
-    if kind == "rich":
-        return [_progress_bar_class("rich")(leave=True)]
-    if kind == "tqdm":
-        return [_progress_bar_class("tqdm")()]
-    return []
-
-
 def trainer_kwargs(cfg) -> dict[str, Any]:
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kw["enable_progress_bar"] = check_progress(cfg.get("progress", "rich")) != "none"
+    kw["enable_progress_bar"] = resolve_progress(check_progress(cfg.get("progress", "auto"))) != "none"
     return kw
+
+
+def logged_run(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Run ``fn(cfg)`` with everything it prints (and a user error's message) also appended to the run
+    folder's log, ``<run folder>/<app>.log`` (Hydra's job log: it holds Hydra's INFO lines too).
+    Outside a Hydra run (a test calling the app's function) it just runs ``fn``."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig):
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            hc = HydraConfig.get()
+            path = Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
+        except ValueError:  # HydraConfig was not set: not inside a Hydra run
+            return fn(cfg)
+        with run_log(path):
+            return fn(cfg)
+
+    return wrapper

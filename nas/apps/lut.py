@@ -3,7 +3,7 @@
     nas-lut space=mbv2_tiny hardware=onnxruntime              # build (progress bar), then validate
     nas-lut mode=validate space=mbv2_tiny hardware=cpu samples=100
     nas-lut mode=kit space=proxyless_mobile hardware=onnxruntime out=kit/
-    python kit/measure.py --out results.json                  # on the device: onnxruntime + numpy only
+    python measure.py --out results.json                      # on the device, inside the kit: onnxruntime + numpy
     nas-lut mode=import results=results.json                  # -> a table for nas-search lut.path=...
 
 Tables go to the cache nas-search reads (``lut.cache_dir``) unless ``lut.path`` names a file. The
@@ -21,14 +21,22 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from nas.apps.common import CONF_DIR, hydra_entry, make_device, make_space, user_errors
+from nas.apps.common import (
+    CONF_DIR,
+    check_progress,
+    hydra_entry,
+    logged_run,
+    make_device,
+    make_space,
+    user_errors,
+)
 from nas.errors import UserError
 
 MODES = ("build", "validate", "kit", "import")
 
 
 def _progress(cfg: DictConfig) -> bool:
-    return cfg.get("progress", "rich") != "none"
+    return check_progress(cfg.get("progress", "auto")) != "none"
 
 
 def _run_dir() -> Path:
@@ -111,8 +119,7 @@ def run_lut(cfg: DictConfig) -> float:
                               calib_nets=int(m.calib_nets), seed=int(cfg.seed), retest=bool(cfg.retest),
                               progress=_progress(cfg))
         kit = manifest.parent
-        print(f"kit written to {kit}. On the device: `python {kit}/measure.py --out results.json`; "
-              f"then here: `nas-lut mode=import results=results.json`")
+        print(kit_instructions(kit))
         return 0.0
 
     path = _table_file(cfg, space, device, num_classes)
@@ -140,6 +147,19 @@ def run_lut(cfg: DictConfig) -> float:
     return float(report["summary"]["within_10pct"])
 
 
+def kit_instructions(kit: Path) -> str:
+    """What to do with a kit, without this machine's paths: the device has its own file system."""
+    return (f"kit written to {kit}\nOn the device, inside the copied folder {kit.name}/: "
+            f"`python measure.py --out results.json`\nThen here: `nas-lut mode=import results=results.json`")
+
+
+def _loo_text(loo: Any) -> str:
+    """``offset 34.9%, scale_offset 12.1%`` from ``{'offset': 34.859, ...}``."""
+    if not isinstance(loo, dict) or not loo:
+        return "n/a"
+    return ", ".join(f"{k} {float(v):.1f}%" for k, v in loo.items())
+
+
 def _print_table(table) -> None:
     ov = table.meta["overhead"]
     counts = [e["count"] for e in table.entries.values()]
@@ -150,7 +170,7 @@ def _print_table(table) -> None:
           + (f"; median CI +-{100 * sorted(cis)[len(cis) // 2]:.2f}%" if cis else "") + ")")
     print(f"overhead model {ov['model']}: net = {ov['scale']:.3f} x sum(parts) {ov['per_block_ms']:+.4f} ms/block "
           f"{ov['offset_ms']:+.4f} ms; fit on {ov['calibration_nets']} nets, RMSE {ov.get('fit_rmse_pct', 0):.1f}% "
-          f"(leave-one-out per model: {ov.get('loo_rmse_pct')})")
+          f"(leave-one-out error per model: {_loo_text(ov.get('loo_rmse_pct'))})")
     print(f"latency range of the space: {lo:.4f}-{hi:.4f} ms")
     method = table.meta.get("method") or {}
     if method.get("clean_fraction") is not None:
@@ -183,6 +203,7 @@ def _import(cfg: DictConfig, out_dir: Path) -> float:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="lut")
+@logged_run
 @user_errors
 def _hydra_main(cfg: DictConfig) -> float:
     t0 = time.perf_counter()

@@ -31,11 +31,12 @@ from nas.apps.common import (
     check_progress,
     hydra_entry,
     instantiate,
+    logged_run,
     make_logger,
-    progress_callbacks,
     trainer_kwargs,
     user_errors,
 )
+from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
 from nas.export import (
     ARCH_FILE,
@@ -48,7 +49,7 @@ from nas.export import (
     load_subnet,
     save_weights,
 )
-from nas.io import export_onnx, write_json
+from nas.io import export_onnx, usual_modes, write_json
 from nas.training import RetrainModule
 from supernets.arch import Arch, ArchError
 from supernets.space import SearchSpace, SpaceError
@@ -155,7 +156,7 @@ def run_retrain(cfg: DictConfig) -> float:
         raise UserError("arch is required: pass the export folder of a search, e.g. "
                         "`nas-retrain arch=outputs/search/<date>/<time>/export`")
     epochs = check_epochs(cfg.epochs, "epochs")
-    check_progress(cfg.get("progress", "rich"))
+    check_progress(cfg.get("progress", "auto"))
     export_dir = Path(str(cfg.arch)).expanduser()
     if not export_dir.exists():
         raise UserError(f"arch={export_dir} does not exist; pass the export folder of a search, e.g. "
@@ -229,6 +230,7 @@ def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_ch
         save_weights(net, tmp / WEIGHTS_FILE, arch)
         export_onnx(net, torch.zeros(1, in_chans, arch.resolution, arch.resolution), str(tmp / ONNX_FILE),
                     dynamic_batch=True)
+        usual_modes(tmp)  # mkdtemp's folder is 0700 and safetensors writes 0600
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
@@ -238,6 +240,7 @@ def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_ch
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
+@logged_run
 @user_errors
 def _hydra_main(cfg: DictConfig) -> float:
     return run_retrain(cfg)

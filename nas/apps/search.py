@@ -26,14 +26,15 @@ from nas.apps.common import (
     check_progress,
     hydra_entry,
     instantiate,
+    logged_run,
     make_cost_model,
     make_device,
     make_logger,
     make_space,
-    progress_callbacks,
     trainer_kwargs,
     user_errors,
 )
+from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
 from nas.export import count_model_flops, count_params, evaluate, write_export
 from nas.latency.measure import measure_archs
@@ -90,10 +91,12 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
     choices = space.decisions()
     plots = {}
     if any("probs" in h for h in module.history):
-        plots["arch_probs.png"] = lambda p: plot_choice_probs(module.history, choices, p)
+        plots["arch_probs.png"] = lambda p: plot_choice_probs(module.history, choices, p, chosen=dict(arch.choices))
     if any("expected" in h for h in module.history):
-        plots["latency_curve.png"] = lambda p: plot_cost_curve(module.history, p, target, cost_model.unit)
-    plots.update(module.extra_plots())
+        plots["latency_curve.png"] = lambda p: plot_cost_curve(
+            module.history, p, target, cost_model.unit, exported=predicted,
+            derived_label=f"derived each epoch ({getattr(module, 'derive_rule', 'argmax')} rule)")
+    plots.update(module.extra_plots(label, arch))
     write_export(out_dir, space=space, arch=arch, model=sub, report=report, plots=plots, onnx=bool(cfg.export.onnx))
     report["dir"] = str(out_dir)
     return report
@@ -152,7 +155,7 @@ def print_summary(reports: list[dict[str, Any]], total_seconds: float, unit: str
 def run_search(cfg: DictConfig) -> float:
     t_start = time.perf_counter()
     # ---- everything a user can get wrong is checked here, before any training
-    check_progress(cfg.get("progress", "rich"))
+    check_progress(cfg.get("progress", "auto"))
     if "epochs" in cfg.strategy:
         check_epochs(cfg.strategy.epochs, "strategy.epochs")
     run_dir = Path(cfg.export.dir).parent
@@ -211,14 +214,14 @@ def run_search(cfg: DictConfig) -> float:
                 n_exports = len(archs) * len(groups)
             reports += _export_all(cfg, module, archs, logger, single=n_exports == 1, space=space,
                                    datamodule=datamodule, device=device, cost_model=cost_model)
-        if reports:
-            print_summary(reports, time.perf_counter() - t_start, unit, kind)
-        return float(reports[0]["val_acc"]) if reports else 0.0
     finally:
         if wandb_run(logger) is not None:
             import wandb
 
-            wandb.finish()
+            wandb.finish()  # quiet: make_logger set WANDB_SILENT
+    if reports:  # the summary last, after W&B has closed its run
+        print_summary(reports, time.perf_counter() - t_start, unit, kind)
+    return float(reports[0]["val_acc"]) if reports else 0.0
 
 
 def checkpoint_callback(ckpt_dir: Path, checkpoint_cfg) -> pl.callbacks.ModelCheckpoint:
@@ -267,6 +270,7 @@ def _export_all(cfg, module, archs: dict[str, Any], logger, *, single: bool, spa
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
+@logged_run
 @user_errors
 def _hydra_main(cfg: DictConfig) -> float:
     return run_search(cfg)

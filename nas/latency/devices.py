@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nas.console import item_progress
 from nas.errors import UserError
 from nas.io import export_onnx
 from nas.latency.build import check_trusted, load_or_build_table
@@ -400,7 +401,7 @@ class Device(Hardware):
         Args:
             items: ``{name: (module, input_shape)}``; ``input_shape`` excludes the batch dimension.
             reference: ``(module, input_shape)``; default :func:`reference_module`.
-            progress: show a transient rich progress bar over items x rounds.
+            progress: show progress over items x rounds (a transient bar on a terminal, plain lines elsewhere).
             desc: label of the progress bar.
             rel_ci: adaptive mode. After ``repeats`` rounds, further full rounds continue until the
                 distribution-free 95 % confidence interval of every item's median ratio is within
@@ -471,7 +472,7 @@ class Device(Hardware):
         def usable(n: str) -> list[float]:
             return _usable(ratios[n], clean[n]) if watch else ratios[n]
 
-        progress_cm = contextlib.nullcontext() if not progress else self._progress_bar()
+        progress_cm = contextlib.nullcontext() if not progress else self._progress_bar(max_seconds)
         gc_was_enabled = gc.isenabled()
         t_start = time.perf_counter()
         with progress_cm as bar:
@@ -543,22 +544,9 @@ class Device(Hardware):
         return result
 
     @staticmethod
-    def _progress_bar():
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        return Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            transient=True,
-        )
+    def _progress_bar(budget: float | None = None):
+        """Items done / total, elapsed and an estimate: a rich bar on a terminal, plain lines elsewhere."""
+        return item_progress(budget=budget, unit="timed calls")
 
 
 @register_hardware("cpu")

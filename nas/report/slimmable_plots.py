@@ -13,7 +13,9 @@ from nas.report.plots import save_axes
 
 
 def plot_width_search(rows: Sequence[Mapping[str, Any]], found: Mapping[str, Mapping[str, Any]], path: Path,
-                      unit: str) -> None:
+                      unit: str, this: str | None = None) -> None:
+    """Every network the width search evaluated (cost vs accuracy), its greedy path, each target (dashed)
+    and the network found for it; ``this`` (an export's label) is marked as this export's point."""
     if not rows:
         raise ValueError("no width-search rows to plot")
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -26,8 +28,15 @@ def plot_width_search(rows: Sequence[Mapping[str, Any]], found: Mapping[str, Map
     path_rows = [r for r in greedy if r["chosen"]]
     ax.plot([r["cost"] for r in path_rows], [100 * r["acc"] for r in path_rows], "-o", ms=3, label="greedy path")
     for label, f in found.items():
-        ax.axvline(f["target"], color="k", ls="--", lw=0.8)
-        ax.annotate(label, (f["cost"], 100 * f["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        mine = label == this
+        ax.axvline(f["target"], color="C3" if mine else "k", ls="--", lw=1.2 if mine else 0.8, alpha=1 if mine else 0.5)
+        ax.annotate(label + (" (this export)" if mine else ""), (f["cost"], 100 * f["acc"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points", color="C3" if mine else "k",
+                    fontweight="bold" if mine else "normal")
+    if this in found:
+        f = found[this]
+        ax.plot([f["cost"]], [100 * f["acc"]], marker="*", ms=14, color="C3", ls="", zorder=3,
+                label=f"this export ({this})")
     save_axes(fig, ax, path, f"predicted cost ({unit})", "arch-split accuracy (%)")
 
 

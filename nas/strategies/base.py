@@ -78,8 +78,8 @@ class SearchStrategy(pl.LightningModule):
         """The target (in the cost model's unit) the export ``label`` stands for."""
         return self.targets.get(label, self.target)
 
-    def extra_plots(self) -> dict[str, Any]:
-        """``{file name: function(path)}`` of plots beside every export (none by default)."""
+    def extra_plots(self, label: str | None = None, arch: Arch | None = None) -> dict[str, Any]:
+        """``{file name: function(path)}`` of plots beside the export ``label`` of ``arch`` (none by default)."""
         return {}
 
     # ------------------------------------------------------------------ distributed

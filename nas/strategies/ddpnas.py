@@ -386,9 +386,12 @@ class DDPNASSearch(SearchStrategy):
             out[label] = arch
         return out
 
-    def extra_plots(self) -> dict[str, Callable[[Path], None]]:
+    def extra_plots(self, label: str | None = None, arch: Arch | None = None) -> dict[str, Callable[[Path], None]]:
         choices = dict(zip(self.layer_names, self.choices))
-        return {"pruning_order.png": lambda p: plot_pruning_order(self.history, choices, p)}
+        chosen = dict(arch.choices) if arch is not None else None
+        first = self.state.steps * max(self.state.sizes)  # epochs before the first pruning
+        return {"pruning_order.png": lambda p: plot_pruning_order(self.history, choices, p, chosen=chosen,
+                                                                  first_prune_after=first)}
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):

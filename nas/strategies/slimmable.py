@@ -545,7 +545,7 @@ class SlimmableSearch(SearchStrategy):
         rows = self.width_search()["rows"]
         return [{**r, "widths": list(r["widths"])} for r in rows]
 
-    def extra_plots(self) -> dict[str, Callable]:
+    def extra_plots(self, label: str | None = None, arch: Arch | None = None) -> dict[str, Callable]:
         """Files written into every export: the table of every width evaluated, and its plot."""
         if self._derived is None:
             return {}
@@ -577,6 +577,6 @@ class SlimmableSearch(SearchStrategy):
                                         "found": found, "rows": rows}, indent=1))
 
         def plot(path):
-            plot_width_search(rows, found, path, unit)
+            plot_width_search(rows, found, path, unit, this=label)
 
         return {"width_search.csv": write_csv, "width_search.json": write_json, "width_search.png": plot}

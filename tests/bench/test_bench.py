@@ -19,7 +19,6 @@ from nas.errors import UserError
 from nas.latency.table import LatencyTable
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
-
 from tests.helpers import TINY
 
 REPO = Path(__file__).resolve().parents[2]

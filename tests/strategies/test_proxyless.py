@@ -10,7 +10,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 from nas.errors import UserError
 from nas.export import load_subnet, write_export
@@ -18,8 +17,7 @@ from nas.latency.table import LatencyTable
 from nas.strategies.proxyless import ProxylessSearch, latency_loss
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
-
-from tests.helpers import TINY
+from tests.helpers import TINY, TinyData
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,7 @@ from nas.latency.analytic import build_flops_model
 from nas.strategies.proxyless import ProxylessSearch
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
-
-from tests.helpers import TinyData
-from tests.helpers import TINY
+from tests.helpers import TINY, TinyData
 
 
 @pytest.fixture(scope="module")

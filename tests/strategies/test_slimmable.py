@@ -700,7 +700,6 @@ def test_nas_search_slimmable_one_export_per_target(tmp_path):
     import json
 
     from nas.export import load_subnet
-
     from tests.helpers import run_app
 
     run_dir = tmp_path / "run"

@@ -16,6 +16,7 @@ from supernets.space import ZERO, SearchSpace, SpaceError
 from supernets.supernet import Supernet
 from tests.helpers import TINY
 
+
 @pytest.fixture(scope="module")
 def space() -> SearchSpace:
     return SearchSpace.from_dict(TINY)

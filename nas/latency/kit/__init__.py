@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 
+from nas.console import item_progress
 from nas.errors import UserError
 from nas.io import atomic_write_text
 from nas.latency.build import table_from_measurements
@@ -129,20 +130,9 @@ def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_s
     todo.append(("__reference__", ref_module, ref_shape))
 
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        bar = Progress(TextColumn("exporting ONNX"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       transient=True)
+    bar = item_progress(unit="files") if progress else None
     with (bar if bar is not None else _Null()) as b:
-        task = b.add_task("export", total=len(todo)) if bar is not None else None
+        task = b.add_task("exporting ONNX", total=len(todo)) if bar is not None else None
         for name, module, shape in todo:
             file = "onnx/reference.onnx" if name == "__reference__" else items[name]["file"]
             _export(module, shape, batch_size, out / file)

@@ -348,6 +348,9 @@ def main(argv=None) -> int:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".results.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(results, f, indent=1)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 -> the usual 0644
     os.replace(tmp, out)
     if not args.quiet:
         print(f"wrote {out} ({results['seconds']:.0f} s); import it with: nas-lut mode=import results={args.out}",
