@@ -4,6 +4,7 @@
     nas-bench suite=lut               # latency-table accuracy on every device available here
     nas-bench suite=search            # searched vs best-of-k random vs uniformly scaled, at equal latency
     nas-bench suite=slimmable         # slimmable training vs each width alone; width search vs uniform widths
+    nas-bench suite=tabular tabular.path=<table.json>   # the evolution engine vs random search, true accuracies
     nas-bench suite=all out=bench/    # everything: markdown on stdout, bench.json, bench.md, PNG plots
 
 Each suite lives in its own module (:mod:`nas.bench.memory`, :mod:`nas.bench.search`,
@@ -47,8 +48,8 @@ from nas.latency.devices import _processor_name
 from nas.latency.table import LatencyTable
 from nas.latency.validate import plot_report, summary_line, validate_table
 
-#: ``suite=all`` runs these; ``slimmable`` (long) runs only when named
-SUITES = ("memory", "lut", "search")
+#: ``suite=all`` runs these (tabular only with tabular.path); ``slimmable`` (long) runs only when named
+SUITES = ("memory", "lut", "search", "tabular")
 EXTRA_SUITES = ("slimmable",)
 RESULTS_FILE = "bench.json"
 MARKDOWN_FILE = "bench.md"
@@ -198,8 +199,41 @@ def run_slimmable(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     return res, (out / "slimmable_bench.md").read_text()
 
 
+def run_tabular(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
+    """The evolution engine against a tabular benchmark's true accuracies (no torch, no supernet)."""
+    from nas.bench import tabular as tb
+    from nas.strategies.engine import evolve
+
+    t = cfg.tabular
+    if not t.get("path"):
+        if str(cfg.suite) == "all":
+            _log("tabular: skipped (tabular.path is not set)")
+            return {"skipped": "tabular.path is not set"}, "### tabular: skipped (tabular.path is not set)"
+        raise UserError("suite=tabular needs a table: tabular.path=<json> (keys one character per decision, values "
+                        "with mean_acc and flops), e.g. NAS-Bench-Macro's nas-bench-macro_cifar10.json")
+    seeds = t.seeds
+    seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+    engine = OmegaConf.to_container(t.engine, resolve=True) or {}
+    allowed = {"method", "population", "sample", "parents", "mutation_prob", "crossover_prob", "constraint",
+               "max_tries"}
+    bad = sorted(set(engine) - allowed)
+    if bad or not seeds or int(t.queries) < 1:
+        raise UserError(f"tabular: unknown engine keys {bad}; allowed: {', '.join(sorted(allowed))}" if bad else
+                        "tabular.seeds and tabular.queries must be >= 1")
+    table = tb.Table.load(t.path)
+    try:  # a bad engine setting stops here, in one line, before the runs
+        evolve(table.decisions, table.score_of, table.cost_of, max(table.cost.values()), queries=1, **engine)
+    except ValueError as e:
+        raise UserError(f"tabular.engine: {e}") from None
+    res = tb.run_tabular(table, [float(p) for p in t.percentiles], seeds, int(t.queries), list(t.checkpoints),
+                         engine, log=_log)
+    res["path"] = str(t.path)
+    res["verdict"] = tb.verdict(res, float(t.goal))
+    return res, tb.markdown(res)
+
+
 RUNNERS: dict[str, Callable[[DictConfig, Path], tuple[dict[str, Any], str]]] = {
-    "memory": run_memory, "lut": run_lut, "search": run_search, "slimmable": run_slimmable}
+    "memory": run_memory, "lut": run_lut, "search": run_search, "slimmable": run_slimmable, "tabular": run_tabular}
 
 
 def _metric(results: dict[str, Any]) -> float:
@@ -214,6 +248,9 @@ def _metric(results: dict[str, Any]) -> float:
         one = next((r for r in mem["rows"] if r["config"].startswith("one/weight/")), None)
         if one:
             return float(one["time_vs_sampled"])
+    tab = results.get("tabular")
+    if tab and tab.get("verdict"):  # the engine's median regret, mean over the budgets (lower is better)
+        return float(sum(v["engine"] for v in tab["verdict"].values()) / len(tab["verdict"]))
     lut = results.get("lut")
     if lut:
         vals = [d["summary"]["within_10pct"] for d in lut["devices"].values() if d.get("available")]

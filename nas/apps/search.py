@@ -205,8 +205,12 @@ def run_search(cfg: DictConfig) -> float:
             ckpt = checkpoint_callback(ckpt_dir, cfg.checkpoint)
             trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger,
                                  callbacks=[ckpt, *progress_callbacks(cfg.progress)], default_root_dir=str(run_dir))
-            trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
-                        val_dataloaders=datamodule.val_dataloader(), ckpt_path=resume_from)
+            if getattr(module, "pretrained", None):  # a supernet trained by an earlier run: search only
+                module.train_loaders(datamodule)
+                print(f"supernet from {module.pretrained['checkpoint']}: no training")
+            else:
+                trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
+                            val_dataloaders=datamodule.val_dataloader(), ckpt_path=resume_from)
             if not trainer.is_global_zero:
                 continue
             archs = module.derive_all()

@@ -1,0 +1,171 @@
+"""``nas-bench suite=tabular``: the evolutionary engine against the true accuracies of a tabular benchmark.
+
+A tabular benchmark gives the stand-alone accuracy of every architecture of a space, so a search
+*engine* can be measured without any supernet: how close the best architecture it finds under a
+cost budget comes to the best one in the table (the *oracle*), after how many queries, against
+random search given the same number of queries.
+
+The table is a JSON object keyed by the architecture, one character per decision (NAS-Bench-Macro:
+8 layers, ``0`` identity, ``1`` MBConv k3 e3, ``2`` MBConv k5 e6); each value holds at least
+``mean_acc`` (the score, in percent) and ``flops`` (the cost). Decision ``i`` takes the characters
+seen at position ``i``. An architecture missing from the table has an infinite cost (never within a
+budget). Budgets are percentiles of the table's FLOPs.
+
+Regret = oracle accuracy - the best accuracy found (points; 0 = the oracle was found). Reported per
+budget: the median (and mean, and how often 0) over seeds after ``checkpoints`` queries, for the
+engine and for random search within the same budget.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from nas.errors import UserError
+from nas.strategies.engine import evolve
+
+
+class Table:
+    """A tabular benchmark: ``score[key]`` and ``cost[key]`` for every architecture key."""
+
+    def __init__(self, entries: Mapping[str, Mapping[str, Any]], name: str = "table", score_key: str = "mean_acc",
+                 cost_key: str = "flops"):
+        if not isinstance(entries, Mapping) or not entries:
+            raise UserError(f"{name}: a tabular benchmark is a non-empty JSON object keyed by architecture")
+        lengths = {len(str(k)) for k in entries}
+        if len(lengths) != 1 or 0 in lengths:
+            raise UserError(f"{name}: every key must have one character per decision, the same number for all "
+                            f"(found key lengths {sorted(lengths)})")
+        self.name = name
+        self.score: dict[str, float] = {}
+        self.cost: dict[str, float] = {}
+        for k, v in entries.items():
+            if not isinstance(v, Mapping) or score_key not in v or cost_key not in v:
+                raise UserError(f"{name}: entry {k!r} lacks {score_key!r} or {cost_key!r}; every value needs at "
+                                f"least both")
+            try:
+                self.score[str(k)], self.cost[str(k)] = float(v[score_key]), float(v[cost_key])
+            except (TypeError, ValueError):
+                raise UserError(f"{name}: entry {k!r}: {score_key} and {cost_key} must be numbers") from None
+        n = lengths.pop()
+        self.decisions = {f"d{i}": tuple(sorted({k[i] for k in self.score})) for i in range(n)}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Table":
+        p = Path(str(path)).expanduser()
+        if not p.is_file():
+            raise UserError(f"tabular.path={path}: no such file; give a JSON table (keys one character per "
+                            f"decision, values with mean_acc and flops), e.g. "
+                            f"tabular.path=/work/shared/data/nas-bench-macro/nas-bench-macro_cifar10.json")
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"tabular.path={path} is not readable JSON: {e}") from None
+        return cls(data, name=p.name)
+
+    def key(self, arch: Mapping[str, str]) -> str:
+        return "".join(arch[d] for d in self.decisions)
+
+    def score_of(self, arch: Mapping[str, str]) -> float:
+        return self.score.get(self.key(arch), -math.inf)
+
+    def cost_of(self, arch: Mapping[str, str]) -> float:
+        return self.cost.get(self.key(arch), math.inf)
+
+    def oracle(self, budget: float) -> tuple[str, float]:
+        """The best key with cost <= budget and its score."""
+        key = max((k for k, c in self.cost.items() if c <= budget), key=lambda k: (self.score[k], -self.cost[k]))
+        return key, self.score[key]
+
+    def budget_at(self, percentile: float) -> float:
+        return float(np.percentile(list(self.cost.values()), float(percentile)))
+
+
+def run_one(table: Table, budget: float, seed: int, queries: int, engine: Mapping[str, Any],
+            method: str | None = None):
+    """One search in ``table`` under ``budget`` (``method`` overrides the engine's, e.g. ``random``)."""
+    kw = dict(engine)
+    if method is not None:
+        kw["method"] = method
+    if kw.get("method") == "random":  # the baseline: uniform over the architectures within the budget
+        kw["constraint"] = "rejection"
+    return evolve(table.decisions, table.score_of, table.cost_of, budget, queries=queries, seed=seed, **kw)
+
+
+def regret_curve(result, oracle: float, checkpoints: Sequence[int]) -> list[float]:
+    return [oracle - result.best_after(n) for n in checkpoints]
+
+
+def run_tabular(table: Table, percentiles: Sequence[float], seeds: Sequence[int], queries: int,
+                checkpoints: Sequence[int], engine: Mapping[str, Any],
+                log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Engine and random search at every budget and seed; medians of the regret by number of queries."""
+    checkpoints = sorted({int(c) for c in checkpoints if 0 < int(c) <= queries} | {int(queries)})
+    budgets = []
+    for pct in percentiles:
+        b = table.budget_at(pct)
+        okey, oacc = table.oracle(b)
+        feasible = sum(1 for c in table.cost.values() if c <= b)
+        row: dict[str, Any] = {"percentile": float(pct), "budget": b, "feasible": feasible,
+                               "oracle": {"arch": okey, "score": oacc, "cost": table.cost[okey]}}
+        for name, method in (("engine", None), ("random", "random")):
+            curves, found, stats, t0 = [], [], [], time.perf_counter()
+            for seed in seeds:
+                res = run_one(table, b, int(seed), queries, engine, method)
+                curves.append(regret_curve(res, oacc, checkpoints))
+                found.append(table.key(res.best) if res.best else None)
+                stats.append(res.stats | {"queries": len(res.history)})
+            per_n = {}
+            for j, n in enumerate(checkpoints):
+                vals = [c[j] for c in curves]
+                per_n[str(n)] = {"median": statistics.median(vals), "mean": statistics.fmean(vals),
+                                 "max": max(vals), "oracle_found": sum(v <= 1e-9 for v in vals) / len(vals)}
+            row[name] = {"regret": per_n, "regrets_final": [c[-1] for c in curves], "found": found,
+                         "queries_used_median": statistics.median(s["queries"] for s in stats),
+                         "duplicates_median": statistics.median(s["duplicates"] for s in stats),
+                         "seconds": round(time.perf_counter() - t0, 2)}
+        if log:
+            e, r = row["engine"]["regret"][str(queries)], row["random"]["regret"][str(queries)]
+            log(f"tabular: p{pct:g} (FLOPs <= {b:.4g}, {feasible} archs): oracle {oacc:.2f}; median regret after "
+                f"{queries} queries: engine {e['median']:.3f}, random {r['median']:.3f}")
+        budgets.append(row)
+    return {"table": table.name, "architectures": len(table.score), "decisions": len(table.decisions),
+            "queries": int(queries), "checkpoints": checkpoints, "seeds": [int(s) for s in seeds],
+            "engine": dict(engine), "budgets": budgets}
+
+
+def markdown(res: Mapping[str, Any]) -> str:
+    cps = res["checkpoints"]
+    eng = res["engine"]
+    lines = [f"### tabular: evolution engine vs random search on {res['table']} ({res['architectures']} architectures)",
+             "",
+             f"Median regret (oracle accuracy - best found, points) over {len(res['seeds'])} seeds, by number of "
+             f"queries; in brackets the share of seeds that found the oracle. Engine: "
+             + ", ".join(f"{k}={v}" for k, v in eng.items()) + ".",
+             "",
+             "| FLOPs budget | archs in budget | oracle | method | " + " | ".join(f"{n} q" for n in cps) + " |",
+             "|---|---:|---:|---|" + "---:|" * len(cps)]
+    for b in res["budgets"]:
+        for name in ("engine", "random"):
+            cells = " | ".join(f"{b[name]['regret'][str(n)]['median']:.3f} ({100 * b[name]['regret'][str(n)]['oracle_found']:.0f}%)"
+                               for n in cps)
+            head = (f"p{b['percentile']:g} <= {b['budget'] / 1e6:.2f}M | {b['feasible']} | "
+                    f"{b['oracle']['score']:.2f} ({b['oracle']['arch']})") if name == "engine" else " | | "
+            lines.append(f"| {head} | {name} | {cells} |")
+    return "\n".join(lines)
+
+
+def verdict(res: Mapping[str, Any], goal: float = 0.1) -> dict[str, Any]:
+    """Per budget: the final medians, whether the engine reached ``goal`` and beat random search."""
+    q = str(res["queries"])
+    out = {}
+    for b in res["budgets"]:
+        e, r = b["engine"]["regret"][q]["median"], b["random"]["regret"][q]["median"]
+        out[f"p{b['percentile']:g}"] = {"engine": e, "random": r, "goal": goal, "reached": e <= goal,
+                                        "below_random": e < r}
+    return out
