@@ -147,6 +147,7 @@ def _is_command_line_error(exc: BaseException | None) -> bool:
 RENAMED_KEYS = {
     "strategy.latency_target": "strategy.targets=[{value}]",
     "strategy.budgets": "strategy.targets={value}",
+    "search.budgets": "search.targets=[{value}]",
 }
 
 

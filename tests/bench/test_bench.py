@@ -47,7 +47,7 @@ def test_texshapes_is_deterministic_balanced_and_seeded():
 
 
 def test_texshapes_datamodule_splits_and_config(monkeypatch):
-    cfg = _bench_cfg(["space=mbv2_tiny"])
+    cfg = _bench_cfg(["space=mbv2_tiny", "data=texshapes", "preset=none"])
     assert cfg.data._target_ == "nas.data.TexShapesDataModule" and cfg.data.resolution == 32
     from hydra.utils import instantiate
 
@@ -122,6 +122,8 @@ def test_unknown_suite_is_refused():
 
 # ---------------------------------------------------------------------- search
 def test_search_suite_smoke(tmp_path, space):
+    """Every part of the protocol on tiny data: the discrimination check, the searches, the three
+    baselines, 2 seeds in 2 worker processes, paired intervals, the ranking, the files."""
     from nas.bench import search as bs
     from nas.latency.devices import build_device
 
@@ -135,25 +137,73 @@ def test_search_suite_smoke(tmp_path, space):
                   "ddpnas": {"epochs": 2, "module": {"warmup_epochs": 0}},
                   "nosuch": {}}
     res = bs.run_search_suite(space=space, datamodule=dm, device=device, cost_model=table, conf_dir=CONF,
-                              budgets=[0.6, 0.9], k=2, band=0.5, epochs=1, seeds=[0], strategies=strategies,
-                              anchors=True, log=lambda m: None)
+                              targets=[0.6, 0.9], k=2, band=0.5, epochs=1, seeds=[0, 1], strategies=strategies,
+                              random_search={"candidates": 4, "calib_batches": 1}, disc={"stop": False},
+                              jobs=2, log=lambda m: None)
+    g = res["discrimination"]
+    assert len(g["smallest_accs"]) == len(g["largest_accs"]) == 2
+    assert g["gap_points"] == pytest.approx(100 * (sum(g["largest_accs"]) - sum(g["smallest_accs"])) / 2)
     methods = {(e["method"], e["budget"]) for e in res["entries"]}
     for b in ("t0.60", "t0.90"):
-        assert ("uniform", b) in methods and ("random", b) in methods and ("proxyless", b) in methods
+        for m in ("uniform", "random", "random_search", "proxyless"):
+            assert (m, b) in methods
         v = res["verdict"][b]
-        assert "proxyless" in v["strategies"] and "beats_best_random" in v["strategies"]["proxyless"]
+        p = v["strategies"]["proxyless"]
+        for base in ("uniform", "random", "random_search"):
+            d = p["vs"][base]
+            per_seed = [100 * (x - y) for x, y in zip(v["methods"]["proxyless"]["per_seed"],
+                                                     v["methods"][base]["per_seed"])]
+            assert d["per_seed"] == pytest.approx(per_seed) and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+            assert d["verdict"] in ("wins", "level", "loses")
+        rand = [e for e in res["entries"] if e["budget"] == b and e["method"] == "random"]
+        assert len(rand) == 2 and v["methods"]["random"]["k"] == 2
+        assert v["methods"]["random"]["per_seed"][1] == pytest.approx((rand[0]["test_accs"][1] + rand[1]["test_accs"][1]) / 2)
+        rs = next(e for e in res["entries"] if e["budget"] == b and e["method"] == "random_search")
+        assert rs["candidates"] == 4 and rs["supernet_acc"] is not None
         for e in res["entries"]:
-            if e["budget"] == b and e["method"] in ("random", "uniform"):
+            if e["budget"] == b and e["method"] in ("random", "uniform", "random_search"):
                 assert e["predicted_ms"] <= res["budgets"][b] + 1e-9
     assert "nosuch" in res["skipped_strategies"]
     assert ("ddpnas", "t0.60") in methods or "ddpnas" in res["skipped_strategies"]
-    assert res["gap_smallest_largest"]["largest_ms"] > 0
+    rk = res["ranking"]
+    distinct = {tuple(sorted(e["choices"].items())) for e in res["entries"]}
+    assert rk["n"] == len(distinct) and -1.0 <= rk["kendall_tau"] <= 1.0
     for e in res["entries"]:
-        assert 0.0 <= e["test_acc"] <= 1.0 and e["measured_ms"] > 0
+        assert len(e["test_accs"]) == 2 and 0.0 <= e["test_acc"] <= 1.0 and e["measured_ms"] > 0
+        assert e["supernet_acc"] is not None
     md = bs.markdown(res)
-    assert "best-of-2 random" in md
+    assert "Kendall tau" in md and "vs random search" in md and "Discrimination check" in md
     bs.plot(res, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 0
+    # a task that does not tell the smallest from the largest net stops after the check
+    stopped = bs.run_search_suite(space=space, datamodule=dm, device=device, cost_model=table, conf_dir=CONF,
+                                  targets=[0.6], k=1, epochs=1, seeds=[0, 1], strategies={},
+                                  disc={"min_gap": 101.0}, log=lambda m: None)
+    assert "stopped" in stopped and stopped["entries"] == [] and "Stopped" in bs.markdown(stopped)
+
+
+def test_search_statistics():
+    from nas.bench.search import kendall_tau, paired, t975
+
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    p = paired([0.80, 0.82, 0.84], [0.79, 0.80, 0.81])  # differences 1, 2, 3 points
+    assert p["diff"] == pytest.approx(2.0) and p["std"] == pytest.approx(1.0)
+    assert p["ci95"] == pytest.approx([2.0 - 4.303 / 3 ** 0.5, 2.0 + 4.303 / 3 ** 0.5])
+    assert t975(2) == 4.303 and t975(11) == 2.228
+
+
+def test_search_config_presets_and_renamed_key():
+    from nas.apps.common import renamed_key_error
+
+    cfg = _bench_cfg([])
+    assert cfg.data._target_ == "nas.data.FashionMNISTDataModule" and cfg.hardware.name == "onnxruntime"
+    assert cfg.hardware.threads == 1 and cfg.search.preset == "default" and len(cfg.search.targets) == 3
+    assert len(cfg.search.seeds) == 3 and cfg.data.train_size == 2000
+    full = _bench_cfg(["preset=full"])
+    assert full.data.train_size is None and full.search.epochs > cfg.search.epochs
+    assert "search.targets=[0.5,0.7]" in renamed_key_error(["search.budgets=[0.5,0.7]"])
 
 
 def test_uniform_baseline_is_the_priciest_uniform_net_within_budget(space):
