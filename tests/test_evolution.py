@@ -15,7 +15,7 @@ from nas.strategies.evolution import EvolutionSearch, pareto_front
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 
-from .conftest import run_app
+from tests.helpers import run_app
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPACE = REPO / "conf" / "space" / "mbv2_tiny.yaml"

@@ -23,7 +23,7 @@ from nas.apps.progress import (
 from nas.console import PlainProgress, fmt_seconds, run_log
 from nas.latency.devices import CpuDevice
 from nas.report import sweep
-from tests.conftest import run_app
+from tests.helpers import run_app
 
 #: A search of a few seconds with an exact cost model (no latency table to build): 2 epochs of 3 batches.
 QUICK_SEARCH = ("hardware=flops", "hardware.threads=1", "strategy.epochs=2", "strategy.module.warmup_epochs=1",
