@@ -63,3 +63,31 @@ def test_cost_curve_names_the_derive_rule_and_whole_epochs(tmp_path, monkeypatch
     ticks = [t for t in texts if re.fullmatch(r"[\d.−-]+", t or "")]
     assert "1" in ticks and "0.5" not in ticks and "1.5" not in ticks  # whole epochs only
 
+
+
+def test_evolution_front_marks_its_own_export(tmp_path, monkeypatch):
+    from nas.report.evolution_plots import plot_front
+
+    cands = [{"cost": c, "score": s, "pareto": p} for c, s, p in ((1.0, 0.5, True), (2.0, 0.7, True), (1.5, 0.4, False))]
+    found = {"t0.50": {"target": 1.1, "cost": 1.0, "score": 0.5}, "t0.90": {"target": 2.1, "cost": 2.0, "score": 0.7}}
+    texts = _texts(monkeypatch)
+    plot_front(cands, found, tmp_path / "f.png", "ms", this="t0.90")
+    assert "t0.90 (this export)" in texts and "t0.50 (this export)" not in texts
+
+
+def test_every_strategy_takes_the_export_it_plots_for():
+    """nas-search asks each strategy for the plots of one export: ``extra_plots(label, arch)``."""
+    import inspect
+
+    import nas.strategies.ddpnas
+    import nas.strategies.evolution
+    import nas.strategies.proxyless
+    import nas.strategies.slimmable
+    from nas.strategies.base import SearchStrategy
+
+    classes = {c for m in (nas.strategies.ddpnas, nas.strategies.evolution, nas.strategies.proxyless,
+                           nas.strategies.slimmable)
+               for _, c in inspect.getmembers(m, inspect.isclass) if issubclass(c, SearchStrategy)}
+    assert len(classes) >= 4
+    for cls in classes:
+        inspect.signature(cls.extra_plots).bind(None, "t0.70", None)
