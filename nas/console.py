@@ -136,7 +136,11 @@ class PlainProgress:
         done, total = int(task.completed), int(task.total)
         if final:
             task.printed_done = True
-            line = f"{task.description}: {done}/{total} {self.unit}, done in {fmt_seconds(elapsed)}"
+            if done < total and self.budget is not None:  # the pass stopped at its time limit
+                line = (f"{task.description}: {done} {self.unit} in {fmt_seconds(elapsed)}, done "
+                        f"(time limit {fmt_seconds(self.budget)})")
+            else:
+                line = f"{task.description}: {done}/{total} {self.unit}, done in {fmt_seconds(elapsed)}"
         elif done == 0:
             line = f"{task.description}: 0/{total} {self.unit}, started"
         else:

@@ -44,7 +44,9 @@ def test_plain_progress_rate_and_estimate():
     with PlainProgress(every=0, stream=out, budget=50) as bar:  # a pass that stops at a time limit
         task = bar.add_task("b", total=4)
         bar.advance(task)
-    assert "at most 50 s left (time limit 50 s)" in out.getvalue().splitlines()[1]
+    lines = out.getvalue().splitlines()
+    assert "at most 50 s left (time limit 50 s)" in lines[1]
+    assert re.fullmatch(r"b: 1 items in 0 s, done \(time limit 50 s\)", lines[-1]), lines
     assert fmt_seconds(3725) == "1 h 02 min" and fmt_seconds(125) == "2 min 05 s"
 
 
