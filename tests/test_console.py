@@ -47,6 +47,11 @@ def test_plain_progress_rate_and_estimate():
     lines = out.getvalue().splitlines()
     assert "at most 50 s left (time limit 50 s)" in lines[1]
     assert re.fullmatch(r"b: 1 items in 0 s, done \(time limit 50 s\)", lines[-1]), lines
+    out = io.StringIO()
+    with PlainProgress(every=0, stream=out, budget=0) as bar:  # over the limit: no "0 s left" forever
+        task = bar.add_task("b", total=4)
+        bar.advance(task)
+    assert "past the time limit of 0 s, finishing the minimum calls per item" in out.getvalue()
     assert fmt_seconds(3725) == "1 h 02 min" and fmt_seconds(125) == "2 min 05 s"
 
 
