@@ -62,7 +62,9 @@ def eta(done: float, total: float, elapsed: float, budget: float | None = None) 
     """``about 2 min 10 s left`` from the rate so far; with a time ``budget`` (a pass that repeats
     until its measurements are precise enough, or until the budget is spent) ``at most ... left``."""
     if budget is not None:
-        return f"at most {fmt_seconds(max(0.0, budget - elapsed))} left (time limit {fmt_seconds(budget)})"
+        if elapsed >= budget:  # a busy machine: every item still gets its minimum number of calls
+            return f"past the time limit of {fmt_seconds(budget)}, finishing the minimum calls per item"
+        return f"at most {fmt_seconds(budget - elapsed)} left (time limit {fmt_seconds(budget)})"
     if done <= 0 or total <= 0:
         return "estimating"
     return f"about {fmt_seconds(elapsed / done * max(0.0, total - done))} left"
@@ -136,7 +138,11 @@ class PlainProgress:
         done, total = int(task.completed), int(task.total)
         if final:
             task.printed_done = True
-            line = f"{task.description}: {done}/{total} {self.unit}, done in {fmt_seconds(elapsed)}"
+            if done < total and self.budget is not None:  # the pass stopped at its time limit
+                line = (f"{task.description}: {done} {self.unit} in {fmt_seconds(elapsed)}, done "
+                        f"(time limit {fmt_seconds(self.budget)})")
+            else:
+                line = f"{task.description}: {done}/{total} {self.unit}, done in {fmt_seconds(elapsed)}"
         elif done == 0:
             line = f"{task.description}: 0/{total} {self.unit}, started"
         else:

@@ -370,7 +370,7 @@ class EvolutionSearch(SearchStrategy):
             r["pareto"] = i in front
         return rows
 
-    def extra_plots(self) -> dict[str, Callable]:
+    def extra_plots(self, label: str | None = None, arch: Arch | None = None) -> dict[str, Callable]:
         if self._found is None:
             return {}
         unit = self.cost_model.unit
@@ -396,6 +396,6 @@ class EvolutionSearch(SearchStrategy):
         def plot(path: Path) -> None:
             from nas.report.evolution_plots import plot_front
 
-            plot_front(cands, found, path, unit, self.cost_model.kind)
+            plot_front(cands, found, path, unit, self.cost_model.kind, this=label)
 
         return {"evolution.json": write_json, "evolution.csv": write_csv, "front.png": plot}
