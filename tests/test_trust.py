@@ -196,3 +196,16 @@ def test_a_table_built_under_load_stops_the_search(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: using latency table" in out and "building latency table" not in out
     assert (tmp_path / "run" / "export" / "report.json").exists() and 0.0 <= value <= 1.0
+
+
+def test_a_table_predicting_a_non_positive_latency_is_untrusted():
+    """Seen under load: an overhead fit with a large negative offset made the smallest net -1.8 ms, and
+    every target then looked reachable."""
+    space = SearchSpace.from_dict(TINY)
+    ok = hand_table(space)
+    assert ok.bounds()[0] > 0 and trust_problems(ok, None) == []
+    broken = ok.with_overhead({"model": "scale_offset", "scale": 1.0, "per_block_ms": 0.0, "offset_ms": -50.0})
+    lo = broken.bounds()[0]
+    assert lo < 0
+    (problem,) = trust_problems(broken, None)
+    assert "for the smallest subnet" in problem and f"{lo:.3g}" in problem

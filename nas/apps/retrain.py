@@ -172,6 +172,7 @@ def run_retrain(cfg: DictConfig) -> float:
     else:
         net, _ = build_from_arch_file(export_dir)
     OmegaConf.update(cfg, "space.resolution", arch.resolution, force_add=True)
+    OmegaConf.update(cfg, "space.in_chans", in_chans, force_add=True)
     datamodule = instantiate(cfg.data)
     if datamodule.num_classes != arch.num_classes:
         raise UserError(f"the architecture has {arch.num_classes} classes, data={datamodule.describe()['name']} has "

@@ -134,9 +134,13 @@ def trust_problems(table: LatencyTable, bar: Mapping[str, float] | None) -> list
     ``bar`` is the device's: ``{"within_10pct": fraction, "spearman": value}`` on the table's own
     validation (:mod:`nas.latency.validate`); a validation that could not rank (Spearman not a
     number) fails it too. A table measured while other processes interrupted most timed calls
-    (``clean_fraction`` under :data:`MIN_CLEAN_FRACTION`) fails whatever its bar.
+    (``clean_fraction`` under :data:`MIN_CLEAN_FRACTION`) fails whatever its bar, and so does one that
+    predicts a non-positive latency for the smallest subnet.
     """
     problems = []
+    lo = table.bounds()[0]
+    if not lo > 0:  # an overhead fit through a noisy calibration can go below zero
+        problems.append(f"it predicts {lo:.3g} {table.unit} for the smallest subnet (a latency must be positive)")
     clean = (table.meta.get("method") or {}).get("clean_fraction")
     if clean is not None and clean < MIN_CLEAN_FRACTION:
         problems.append(f"other processes interrupted {100 * (1 - clean):.0f}% of its timed calls")

@@ -207,12 +207,10 @@ def test_search_width_space_combinations_refused(overrides, message, compose_cfg
     assert_refused_in_process(run_search, cfg, capsys, message)
 
 
-def test_search_unreachable_latency_target(smoke_search, shared_cache, tmp_path):
-    """Needs the latency table: the one the smoke search built (shared cache) is reused."""
-    run_dir = tmp_path / "run"
-    run = run_app("nas.apps.search", *TINY_SEARCH, 'strategy.targets=[0.05]', f"hydra.run.dir={run_dir}")
-    assert_refused(run, run_dir, "error:", "smallest reachable")
-    assert "building latency table" not in run.stdout
+def test_search_unreachable_target(compose_cfg, capsys):
+    """0.05 of the largest net's MFLOPs is below the smallest net's (0.2 of it): refused before training."""
+    cfg = compose_cfg("search", ["hardware=flops", "strategy.targets=[0.05]", "progress=none"])
+    assert_refused_in_process(run_search, cfg, capsys, "smallest reachable")
 
 
 def test_retrain_arch_folder_missing(tmp_path, compose_cfg, capsys):

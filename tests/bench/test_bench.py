@@ -114,9 +114,9 @@ def test_lut_suite_through_the_app(tmp_path, space):
 def test_unknown_suite_is_refused():
     from nas.apps.bench import _suites
 
-    assert _suites("all") == ["memory", "lut", "search"]
-    assert _suites("memory,lut") == ["memory", "lut"]
-    with pytest.raises(UserError, match="memory, lut, search, all"):
+    assert _suites("all") == ["memory", "lut", "search", "tabular"]  # tabular is skipped without tabular.path
+    assert _suites("memory,lut") == ["memory", "lut"] and _suites("slimmable") == ["slimmable"]
+    with pytest.raises(UserError, match="memory, lut, search, tabular, slimmable, all"):
         _suites("speed")
 
 
