@@ -25,7 +25,7 @@ from omegaconf import OmegaConf, open_dict
 from nas.apps.common import user_errors
 from nas.apps.retrain import run_retrain
 from nas.apps.search import run_search
-from tests.helpers import REPO, TINY_SEARCH, run_app
+from tests.helpers import REPO, run_app
 
 CONF = REPO / "conf"
 EXPORT_FILES = ("arch.yaml", "model.safetensors", "model.onnx", "report.json", "arch_probs.png")
