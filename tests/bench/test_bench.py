@@ -220,6 +220,7 @@ def test_uniform_baseline_is_the_priciest_uniform_net_within_budget(space):
 
 
 # ---------------------------------------------------------------------- slimmable bench (issue 4)
+@pytest.mark.slow  # seven slimmable runs (~90 s quiet); the Hydra suite test below covers the default path
 def test_slimmable_bench_smoke(tmp_path):
     """One epoch, two seeds: the width table (slimmable vs alone, averaged over the seeds), the width
     search beside the uniform curve at the same cost, and the files; then the interpolation itself."""
