@@ -7,9 +7,12 @@ processes, started and stopped by the test, load the machine.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -191,3 +194,29 @@ def test_a_table_built_under_load_stops_the_search(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: using latency table" in out and "building latency table" not in out
     assert (tmp_path / "run" / "export" / "report.json").exists() and 0.0 <= value <= 1.0
+
+
+def test_ctrl_c_while_nas_search_builds_its_table(tmp_path):
+    """A real SIGINT to ``nas-search`` once it announces the table build: one line, exit 130, no table
+    (nor a temporary file) left in the cache."""
+    repo = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HWNAS_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "nas.apps.search", "hardware.threads=1", "progress=none",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("building latency table"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out + err
+    assert err.count("\n") == 1 and err.startswith("interrupted (Ctrl-C) while building the latency table"), err
+    assert "nothing was cached" in err
+    assert not [p for p in cache.rglob("*") if p.is_file()]
