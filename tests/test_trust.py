@@ -22,7 +22,12 @@ from nas.apps.common import CONF_DIR, user_errors
 from nas.apps.search import run_search
 from nas.errors import UserError
 from nas.latency import build as build_mod
-from nas.latency.build import load_or_build_table, rejected_path, table_path, trust_problems
+from nas.latency.build import (
+    load_or_build_table,
+    rejected_path,
+    table_path,
+    trust_problems,
+)
 from nas.latency.devices import build_device
 from nas.latency.items import table_items
 from nas.latency.table import LatencyTable
