@@ -175,7 +175,8 @@ def test_a_misspelled_key_names_the_close_ones(config, arg, suggestion):
 
 
 @pytest.mark.parametrize("args", [["strategy.targets=[0.5]", "seed=1"], ["-m", "seed=0,1"], ["space=nope"],
-                                  ["+foo=1"], ["strategy=ddpnas", "strategy.epochs=2"], ["--cfg", "job"]])
+                                  ["+foo=1"], ["strategy=ddpnas", "strategy.epochs=2"], ["--cfg", "job"],
+                                  ["--config-dir", "/my/configs", "my.key=1"]])
 def test_correct_or_hydra_reported_command_lines_pass(args):
     assert command_line_error("search", args) is None
 

@@ -259,6 +259,8 @@ def command_line_error(config_name: str, argv: list[str]) -> str | None:
         return None
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.experimental_rerun:
         return None
+    if args.config_dir or args.config_path or any(o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides):
+        return None  # configs of the user's own beside ours: Hydra knows their keys, we do not
     config_name = args.config_name or config_name
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
