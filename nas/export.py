@@ -125,7 +125,7 @@ def read_arch_file(path: str | os.PathLike) -> tuple[Arch, dict[str, Any]]:
         path = path / ARCH_FILE
     if not path.exists():
         raise UserError(f"no architecture file at {path}; pass an export folder written by nas-search "
-                        f"(it holds {ARCH_FILE}), e.g. arch=outputs/<date>/<time>/export")
+                        f"(it holds {ARCH_FILE}), e.g. arch=outputs/search/<date>/<time>/export")
     try:
         raw = yaml.safe_load(path.read_text())
         return Arch.from_dict(raw), raw

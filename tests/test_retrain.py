@@ -103,6 +103,7 @@ def test_inherited_retrain_starts_above_chance_and_ends_at_least_as_high_as_scra
     assert inherited["test_acc"] > 0.5
 
 
+@pytest.mark.slow
 def test_inherited_retrain_with_teacher_learns(digits_export, tmp_path):
     report = retrain(digits_export, tmp_path / "kd", "inherited", 1, f"teacher={digits_export}")
     assert report["teacher"] == str(digits_export)

@@ -7,9 +7,12 @@ processes, started and stopped by the test, load the machine.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -209,3 +212,29 @@ def test_a_table_predicting_a_non_positive_latency_is_untrusted():
     assert lo < 0
     (problem,) = trust_problems(broken, None)
     assert "for the smallest subnet" in problem and f"{lo:.3g}" in problem
+
+
+def test_ctrl_c_while_nas_search_builds_its_table(tmp_path):
+    """A real SIGINT to ``nas-search`` once it announces the table build: one line, exit 130, no table
+    (nor a temporary file) left in the cache."""
+    repo = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HWNAS_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "nas.apps.search", "hardware.threads=1", "progress=none",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("building latency table"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out + err
+    assert err.count("\n") == 1 and err.startswith("interrupted (Ctrl-C) while building the latency table"), err
+    assert "nothing was cached" in err
+    assert not [p for p in cache.rglob("*") if p.is_file()]

@@ -130,7 +130,7 @@ def test_a_write_refused_by_the_file_system_is_one_line(capsys, tmp_path):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / "export"))
 
     err = one_line_error(capsys, job, None)
-    assert f"cannot write {tmp_path / 'run' / 'export'}: Read-only file system" in err and "HWNAS_OUTPUTS" in err
+    assert f"cannot use {tmp_path / 'run' / 'export'}: Read-only file system" in err and "HWNAS_OUTPUTS" in err
 
 
 def test_a_run_folder_on_a_read_only_file_system_is_refused_before_hydra(monkeypatch, tmp_path):
@@ -175,7 +175,8 @@ def test_a_misspelled_key_names_the_close_ones(config, arg, suggestion):
 
 
 @pytest.mark.parametrize("args", [["strategy.targets=[0.5]", "seed=1"], ["-m", "seed=0,1"], ["space=nope"],
-                                  ["+foo=1"], ["strategy=ddpnas", "strategy.epochs=2"], ["--cfg", "job"]])
+                                  ["+foo=1"], ["strategy=ddpnas", "strategy.epochs=2"], ["--cfg", "job"],
+                                  ["--config-dir", "/my/configs", "my.key=1"]])
 def test_correct_or_hydra_reported_command_lines_pass(args):
     assert command_line_error("search", args) is None
 

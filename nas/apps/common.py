@@ -91,14 +91,14 @@ _ENV_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUO
 
 def environment_error(exc: BaseException) -> UserError | None:
     """A file that could not be written or read for a reason of the user's environment (read-only
-    file system, permissions, a full disk), as one line naming the file."""
+    file system, permissions, a full disk), as one line naming the file (None for any other error)."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in _ENV_ERRNOS:
             where = exc.filename or "a file"
-            hint = ("free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
-                    "run from a folder you can write to, or point the run folder elsewhere with "
-                    "HWNAS_OUTPUTS=<folder> (or hydra.run.dir=<folder>)")
-            return UserError(f"cannot write {where}: {exc.strerror}; {hint}")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return UserError(f"cannot write {where}: {exc.strerror}; free some space and run again")
+            return UserError(f"cannot use {where}: {exc.strerror}; check its permissions, or write the run "
+                             f"folders elsewhere with HWNAS_OUTPUTS=<folder> (or hydra.run.dir=<folder>)")
         exc = exc.__cause__ or exc.__context__
     return None
 
@@ -268,6 +268,8 @@ def command_line_error(config_name: str, argv: list[str]) -> str | None:
         return None
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.experimental_rerun:
         return None
+    if args.config_dir or args.config_path or any(o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides):
+        return None  # configs of the user's own beside ours: Hydra knows their keys, we do not
     config_name = args.config_name or config_name
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)

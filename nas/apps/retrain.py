@@ -22,7 +22,6 @@ import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from nas.apps.common import (
@@ -47,11 +46,12 @@ from nas.export import (
     count_params,
     evaluate,
     load_subnet,
+    read_arch_file,
     save_weights,
 )
 from nas.io import export_onnx, usual_modes, write_json
 from nas.training import RetrainModule
-from supernets.arch import Arch, ArchError
+from supernets.arch import ArchError
 from supernets.space import SearchSpace, SpaceError
 
 INITS = ("scratch", "inherited")
@@ -97,26 +97,13 @@ def _space_config(export_dir: Path, arch) -> tuple[dict, str]:
         raise UserError(f"{space_file}: cannot be read ({e})") from None
 
 
-def _read_arch_file(export_dir: Path):
-    """``(Arch, raw mapping)`` of ``<export_dir>/arch.yaml``."""
-    path = export_dir / ARCH_FILE
-    if not path.is_file():
-        raise UserError(f"no architecture file at {path}; pass an export folder written by nas-search "
-                        f"(it holds {ARCH_FILE}), e.g. arch=outputs/search/<date>/<time>/export")
-    try:
-        raw = yaml.safe_load(path.read_text())
-        return Arch.from_dict(raw), raw
-    except (ArchError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: {e}") from None
-
-
 def check_arch_file(export_dir: Path) -> tuple[Any, dict]:
     """The export's :class:`Arch` and its file's mapping, refused with a clear message unless it fits
     its search space: every decision present with an allowed choice, and ``arch_def`` / ``timm`` (what
     the network is built from) equal to what the space makes of those choices (a hand-edited file may
     disagree)."""
     arch_file = export_dir / ARCH_FILE
-    arch, raw = _read_arch_file(export_dir)
+    arch, raw = read_arch_file(export_dir)
     space_dict, source = _space_config(export_dir, arch)
     try:
         space = SearchSpace.from_dict(space_dict)
