@@ -14,7 +14,6 @@ from nas.latency.analytic import build_params_model
 from nas.strategies.evolution import EvolutionSearch, pareto_front
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
-
 from tests.helpers import run_app
 
 REPO = Path(__file__).resolve().parents[1]
