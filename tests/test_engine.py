@@ -96,8 +96,8 @@ def test_a_narrow_band_in_a_large_space_is_reached(constraint):
     draws almost never land there, so rejection falls back to repair."""
     n, k = 30, 5
     decisions = {f"d{i}": [str(j) for j in range(k)] for i in range(n)}
-    cost = lambda a: sum(int(v) + 1 for v in a.values())  # noqa: E731  30 .. 150
-    score = lambda a: sum(int(v) * (1 if i % 2 else -0.5) for i, v in enumerate(a.values()))  # noqa: E731
+    cost = lambda a: sum(int(v) + 1 for v in a.values())
+    score = lambda a: sum(int(v) * (1 if i % 2 else -0.5) for i, v in enumerate(a.values()))
     res = evolve(decisions, score, cost, budget=45, floor=43.6, queries=40, constraint=constraint, seed=0)
     assert len(res.history) == 40
     assert all(43.6 <= q.cost <= 45 for q in res.history)

@@ -14,7 +14,6 @@ from nas.latency.analytic import build_params_model
 from nas.strategies.evolution import EvolutionSearch, pareto_front
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
-
 from tests.helpers import run_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +26,7 @@ OPS_AND_WIDTHS = {
 #: a search of seconds on the default space and digits: one epoch of 6 batches, 6 candidates per target
 TINY_EVOLUTION = ("strategy=evolution", "strategy.epochs=1", "+trainer.limit_train_batches=6", "strategy.module.queries=6",
                   "strategy.module.engine.population=3", "strategy.module.engine.sample=2", "export.calib_batches=2",
-                  "progress=none", "hardware.threads=1")
+                  "strategy.module.calib_batches=2", "progress=none", "hardware.threads=1")
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +103,7 @@ def test_one_export_per_target_within_its_target_and_the_best_of_its_candidates(
         assert len(mine) == found["queries"] == 6
         assert all(found["score"] >= q["score"] for q in mine) and any(q["picked"] for q in mine)
         assert all(q["cost"] <= lat["target"] + 1e-9 for q in mine)
-        # the export is the scored subnet: same inherited weights, same BN calibration, same arch split
+        # the export is the scored subnet: same inherited weights, same BN calibration (2 batches both), same split
         assert report["val_acc"] == pytest.approx(found["score"], abs=1e-9)
         assert {"evolution.json", "evolution.csv", "front.png"} <= set(report["files"])
         assert report["search_cost"]["candidates_scored"] == len(record["candidates"])

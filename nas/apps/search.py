@@ -201,7 +201,8 @@ def run_search(cfg: DictConfig) -> float:
             supernet = Supernet(space, num_classes, weight_sharing=sharing)
             module = factory(supernet=supernet, cost_model=cost_model, targets=group)
             print(f"searching with {module.name}" + (f" for {sub}" if sub else "")
-                  + (f" for {epochs} epochs" if epochs else "") + f"; run folder {run_dir}")
+                  + (f" for {epochs} epochs" if epochs and not getattr(module, "pretrained", None) else "")
+                  + f"; run folder {run_dir}")
             ckpt = checkpoint_callback(ckpt_dir, cfg.checkpoint)
             trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger,
                                  callbacks=[ckpt, *progress_callbacks(cfg.progress)], default_root_dir=str(run_dir))

@@ -21,8 +21,9 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class Table:
         self.decisions = {f"d{i}": tuple(sorted({k[i] for k in self.score})) for i in range(n)}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Table":
+    def load(cls, path: str | Path) -> Table:
         p = Path(str(path)).expanduser()
         if not p.is_file():
             raise UserError(f"tabular.path={path}: no such file; give a JSON table (keys one character per "

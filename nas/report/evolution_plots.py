@@ -2,15 +2,16 @@
 the Pareto front, the targets and their picks."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from nas.report.plots import save_axes  # noqa: E402
+from nas.report.plots import save_axes
 
 
 def plot_front(candidates: Sequence[Mapping[str, Any]], found: Mapping[str, Mapping[str, Any]], path: Path,

@@ -33,8 +33,9 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 METHODS = ("aging", "spos", "random")
 CONSTRAINTS = ("rejection", "repair")
@@ -253,13 +254,11 @@ def evolve(decisions: Mapping[str, Sequence[str]], score: Callable[[dict[str, st
     elif method == "aging":
         pop: deque = deque()
         if fill_random(pop, population):
+            def tournament() -> tuple[int, ...]:
+                contenders = rng.sample(list(pop), min(sample, len(pop)))
+                return max(contenders, key=lambda k: scored[k])
+
             while budget_left():
-                members = list(pop)
-
-                def tournament() -> tuple[int, ...]:
-                    contenders = rng.sample(members, min(sample, len(members)))
-                    return max(contenders, key=lambda k: scored[k])
-
                 child, origin = child_of(tournament)
                 if child is not None and query(child, origin):
                     pop.append(child)
@@ -269,11 +268,16 @@ def evolve(decisions: Mapping[str, Sequence[str]], score: Callable[[dict[str, st
                     stats["proposals"] += 1
     else:  # spos
         if fill_random(None, population):
+            top: list[tuple[int, ...]] = []
+
+            def parent() -> tuple[int, ...]:
+                return rng.choice(top)
+
             while budget_left():
-                top = sorted(scored, key=lambda k: -scored[k])[:parents]
+                top[:] = sorted(scored, key=lambda k: -scored[k])[:parents]
                 made = 0
                 while made < population and budget_left():
-                    child, origin = child_of(lambda: rng.choice(top))
+                    child, origin = child_of(parent)
                     if child is None:
                         stats["proposals"] += 1
                     elif query(child, origin):

@@ -29,8 +29,9 @@ import csv
 import io
 import json
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,8 +156,8 @@ class EvolutionSearch(SearchStrategy):
         self.distill = distill
         self.distill_weight = float(distill_weight)
         self.warmup_epochs = int(warmup_epochs)
-        self.weight_opt_args = dict(lr=weight_lr, momentum=weight_momentum, weight_decay=weight_decay,
-                                    nesterov=nesterov)
+        self.weight_opt_args = {"lr": weight_lr, "momentum": weight_momentum, "weight_decay": weight_decay,
+                                "nesterov": nesterov}
         self.label_smoothing = float(label_smoothing)
         self.grad_clip = grad_clip
         self.bn = bn
