@@ -16,7 +16,7 @@ from nas.data import FashionMNISTDataModule
 from nas.data import fashion_mnist as fm
 from nas.errors import UserError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _idx(magic: int, array: np.ndarray) -> bytes:

@@ -14,7 +14,7 @@ from nas.apps.bench import run_bench
 from nas.bench.tabular import Table, run_tabular
 from nas.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MACRO = Path("/work/shared/data/nas-bench-macro/nas-bench-macro_cifar10.json")
 
 

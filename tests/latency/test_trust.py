@@ -217,7 +217,7 @@ def test_a_table_predicting_a_non_positive_latency_is_untrusted():
 def test_ctrl_c_while_nas_search_builds_its_table(tmp_path):
     """A real SIGINT to ``nas-search`` once it announces the table build: one line, exit 130, no table
     (nor a temporary file) left in the cache."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HWNAS_CACHE": str(cache)}
     proc = subprocess.Popen([sys.executable, "-m", "nas.apps.search", "hardware.threads=1", "progress=none",

@@ -16,7 +16,7 @@ from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 from tests.helpers import run_app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_SPACE = REPO / "conf" / "space" / "mbv2_tiny.yaml"
 #: a small space with ops and widths: every decision kind the strategy samples and searches
 OPS_AND_WIDTHS = {
