@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from nas.latency.table import LatencyTable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,3 +85,10 @@ class TinyData:
 
     def val_dataloader(self):
         return self._dl(False)
+
+
+def random_table(space, seed: int = 0, low: float = 0.1, fixed: float = 0.5):
+    """A latency table of made-up per-candidate costs in ``[low, 1]`` ms (``zero`` costs nothing)."""
+    rng = random.Random(seed)
+    costs = {l.name: [0.0 if op == "zero" else rng.uniform(low, 1.0) for op in l.choices] for l in space.layers}
+    return LatencyTable(space, costs, fixed, {"reference_ms": 1.0})

@@ -25,18 +25,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nas.apps.common import (
     CONF_DIR,
-    hydra_entry,
+    console_main,
     instantiate,
     make_cost_model,
     make_device,
     make_space,
-    user_errors,
 )
 from nas.bench import memory as bm
 from nas.bench import search as bs
@@ -304,11 +302,7 @@ def run_bench(cfg: DictConfig) -> float:
     return _metric(results)
 
 
-@hydra_entry
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
-@user_errors
-def main(cfg: DictConfig) -> float:
-    return run_bench(cfg)
+main = console_main(run_bench, "bench")
 
 
 if __name__ == "__main__":

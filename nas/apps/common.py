@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nas.console import PROGRESS_KINDS, resolve_progress, run_log
@@ -437,3 +438,18 @@ def logged_run(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             return fn(cfg)
 
     return wrapper
+
+
+def console_main(run: Callable[[DictConfig], Any], config_name: str) -> Callable[..., Any]:
+    """The console entry point of an app: ``run(cfg)`` as a Hydra app on ``conf/<config_name>.yaml``,
+    its output also in the run folder's log (:func:`logged_run`), a user's mistake as one line
+    (:func:`user_errors`), command-line mistakes checked first (:func:`hydra_entry`)."""
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    @logged_run
+    @user_errors
+    @functools.wraps(run)
+    def _hydra_main(cfg: DictConfig) -> Any:
+        return run(cfg)
+
+    return hydra_entry(_hydra_main, config_name=config_name)

@@ -18,17 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from nas.apps.common import (
-    CONF_DIR,
     check_progress,
-    hydra_entry,
-    logged_run,
+    console_main,
     make_device,
     make_space,
-    user_errors,
 )
 from nas.errors import UserError
 
@@ -202,17 +198,14 @@ def _import(cfg: DictConfig, out_dir: Path) -> float:
     return float(report["summary"]["within_10pct"]) if report else 0.0
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="lut")
-@logged_run
-@user_errors
-def _hydra_main(cfg: DictConfig) -> float:
+def _lut_and_time(cfg: DictConfig) -> float:
     t0 = time.perf_counter()
     value = run_lut(cfg)
     print(f"nas-lut {cfg.mode}: done in {time.perf_counter() - t0:.0f} s")
     return value
 
 
-main = hydra_entry(_hydra_main, config_name="lut")
+main = console_main(_lut_and_time, "lut")
 
 
 if __name__ == "__main__":

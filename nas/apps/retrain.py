@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -28,12 +27,10 @@ from nas.apps.common import (
     CONF_DIR,
     check_epochs,
     check_progress,
-    hydra_entry,
+    console_main,
     instantiate,
-    logged_run,
     make_logger,
     trainer_kwargs,
-    user_errors,
 )
 from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
@@ -227,14 +224,7 @@ def _write_model_folder(dst: Path, export_dir: Path, net: nn.Module, arch, in_ch
         raise
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
-@logged_run
-@user_errors
-def _hydra_main(cfg: DictConfig) -> float:
-    return run_retrain(cfg)
-
-
-main = hydra_entry(_hydra_main, config_name="retrain")
+main = console_main(run_retrain, "retrain")
 
 
 if __name__ == "__main__":

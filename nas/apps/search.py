@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
@@ -21,18 +20,15 @@ from rich.console import Console
 from rich.table import Table
 
 from nas.apps.common import (
-    CONF_DIR,
     check_epochs,
     check_progress,
-    hydra_entry,
+    console_main,
     instantiate,
-    logged_run,
     make_cost_model,
     make_device,
     make_logger,
     make_space,
     trainer_kwargs,
-    user_errors,
 )
 from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
@@ -274,14 +270,7 @@ def _export_all(cfg, module, archs: dict[str, Any], logger, *, single: bool, spa
     return reports
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="search")
-@logged_run
-@user_errors
-def _hydra_main(cfg: DictConfig) -> float:
-    return run_search(cfg)
-
-
-main = hydra_entry(_hydra_main, config_name="search")
+main = console_main(run_search, "search")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from nas.strategies.ddpnas import DDPNASSearch, PruningState, softmax, theta_upd
 from nas.strategies.knapsack import group_knapsack
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
+from tests.helpers import random_table
 
 TINY = {
     "name": "ddp_tiny",
@@ -46,9 +47,7 @@ def space() -> SearchSpace:
 
 
 def _table(space: SearchSpace, seed: int = 0) -> LatencyTable:
-    rng = random.Random(seed)
-    costs = {l.name: [0.0 if op == "zero" else rng.uniform(0.2, 1.0) for op in l.choices] for l in space.layers}
-    return LatencyTable(space, costs, 0.05, {"reference_ms": 1.0})
+    return random_table(space, seed, low=0.2, fixed=0.05)
 
 
 def _loaders(n: int = 48, seed: int = 0):

@@ -17,7 +17,7 @@ from nas.latency.table import LatencyTable
 from nas.strategies.proxyless import ProxylessSearch, latency_loss
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
-from tests.helpers import TINY, TinyData
+from tests.helpers import TINY, TinyData, random_table
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,7 @@ def space() -> SearchSpace:
 
 
 def _table(space: SearchSpace, seed: int = 0) -> LatencyTable:
-    rng = random.Random(seed)
-    costs = {l.name: [0.0 if op == "zero" else rng.uniform(0.1, 1.0) for op in l.choices] for l in space.layers}
-    return LatencyTable(space, costs, 0.5, {"reference_ms": 1.0})
+    return random_table(space, seed, low=0.1, fixed=0.5)
 
 
 def test_expected_latency_equals_hand_sum_for_one_hot(space):
