@@ -2,7 +2,7 @@
 
     nas-bench suite=memory            # peak memory and step time: gate one / two / full vs a standalone net
     nas-bench suite=lut               # latency-table accuracy on every device available here
-    nas-bench suite=search            # searched vs best-of-k random vs uniformly scaled, at equal latency
+    nas-bench suite=search            # Fashion-MNIST: strategies vs uniform, random and random search, 3 targets
     nas-bench suite=slimmable         # slimmable training vs each width alone; width search vs uniform widths
     nas-bench suite=tabular tabular.path=<table.json>   # the evolution engine vs random search, true accuracies
     nas-bench suite=all out=bench/    # everything: markdown on stdout, bench.json, bench.md, PNG plots
@@ -11,7 +11,7 @@ Each suite lives in its own module (:mod:`nas.bench.memory`, :mod:`nas.bench.sea
 :mod:`nas.bench.slimmable`; the LUT suite
 calls :func:`nas.latency.validate.validate_table`). Results of a suite replace that suite's entry in
 ``<out>/bench.json``, so suites run one at a time into the same folder add up. Returns the search
-suite's mean advantage of the strategies over the best random architecture (test accuracy points),
+suite's mean paired advantage of the strategies over random search at equal cost (test accuracy points),
 else the memory suite's one-gate weight-step time ratio, else the mean fraction of LUT validation
 nets within +-10 %.
 """
