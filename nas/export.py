@@ -22,11 +22,13 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nas.errors import UserError
 from nas.io import export_onnx, usual_modes
+from nas.latency.analytic import count_flops
 from supernets.arch import Arch, ArchError
 from supernets.blocks import build_timm_net
 from supernets.space import SearchSpace
@@ -56,8 +58,6 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_model_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    from nas.latency.analytic import count_flops
-
     return count_flops(model, input_shape)
 
 
@@ -118,8 +118,6 @@ def _json_default(o):
 
 def read_arch_file(path: str | os.PathLike) -> tuple[Arch, dict[str, Any]]:
     """The :class:`Arch` of an ``arch.yaml`` (or an export folder) and the file's raw mapping."""
-    import yaml
-
     path = Path(path)
     if path.is_dir():
         path = path / ARCH_FILE

@@ -39,12 +39,14 @@ from nas.apps.common import (
 from nas.bench import memory as bm
 from nas.bench import search as bs
 from nas.bench import slimmable as bsl
+from nas.bench import tabular as tb
 from nas.errors import UserError
 from nas.io import atomic_write_text, json_default
 from nas.latency.build import build_latency_table, table_path
 from nas.latency.devices import _processor_name
 from nas.latency.table import LatencyTable
 from nas.latency.validate import plot_report, summary_line, validate_table
+from nas.strategies.engine import evolve
 
 #: ``suite=all`` runs these (tabular only with tabular.path); ``slimmable`` (long) runs only when named
 SUITES = ("memory", "lut", "search", "tabular")
@@ -211,9 +213,6 @@ def run_slimmable(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
 
 def run_tabular(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     """The evolution engine against a tabular benchmark's true accuracies (no torch, no supernet)."""
-    from nas.bench import tabular as tb
-    from nas.strategies.engine import evolve
-
     t = cfg.tabular
     if not t.get("path"):
         if str(cfg.suite) == "all":

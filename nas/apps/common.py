@@ -12,11 +12,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.utils import instantiate as _inst
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from nas.console import PROGRESS_KINDS, resolve_progress, run_log
 from nas.errors import UserError
 from nas.latency import Hardware, create_hardware
+from supernets.space import SearchSpace, SpaceError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -72,8 +80,6 @@ def _cause_user_error(exc: BaseException) -> UserError | None:
 
 def _config_value_error(exc: BaseException) -> UserError | None:
     """A config value the user left out (``???``) or pointed at nothing (a broken ``${...}``)."""
-    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
-
     while exc is not None:
         key = getattr(exc, "full_key", None) or ""
         if isinstance(exc, MissingMandatoryValue):
@@ -218,8 +224,6 @@ def _suggestion(key: str, value: str | None, keys: list[str], all_keys: list[str
 
 
 def _compose(config_name: str, overrides: list[str], hydra_cfg: bool = False) -> DictConfig | None:
-    from hydra import compose, initialize_config_dir
-
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(config_name, overrides=overrides, return_hydra_config=hydra_cfg)
@@ -259,10 +263,6 @@ def command_line_error(config_name: str, argv: list[str]) -> str | None:
     The config is composed once with Hydra's compose API (about as long as Hydra's own composition);
     anything else Hydra refuses (an unknown option of a group, a malformed override) is left to it.
     """
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
@@ -344,8 +344,6 @@ def hydra_entry(app: Callable[..., Any], config_name: str | None = None) -> Call
 
 def instantiate(cfg, *args, **kwargs):
     """``hydra.utils.instantiate`` that lets a :class:`UserError` from the constructor through."""
-    from hydra.utils import instantiate as _inst
-
     try:
         return _inst(cfg, *args, **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -356,8 +354,6 @@ def instantiate(cfg, *args, **kwargs):
 
 
 def make_space(cfg_space):
-    from supernets.space import SearchSpace, SpaceError
-
     try:
         return SearchSpace.from_dict(OmegaConf.to_container(cfg_space, resolve=True))
     except SpaceError as e:
@@ -428,8 +424,6 @@ def logged_run(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
         try:
-            from hydra.core.hydra_config import HydraConfig
-
             hc = HydraConfig.get()
             path = Path(hc.runtime.output_dir) / f"{hc.job.name}.log"
         except ValueError:  # HydraConfig was not set: not inside a Hydra run

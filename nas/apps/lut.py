@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from nas.apps.common import (
@@ -27,6 +29,15 @@ from nas.apps.common import (
     make_space,
 )
 from nas.errors import UserError
+from nas.latency.build import build_latency_table, table_path
+from nas.latency.kit import export_kit, import_results
+from nas.latency.table import LatencyTable
+from nas.latency.validate import (
+    busy_warning,
+    print_report,
+    validate_table,
+    write_report,
+)
 
 MODES = ("build", "validate", "kit", "import")
 
@@ -37,24 +48,18 @@ def _progress(cfg: DictConfig) -> bool:
 
 def _run_dir() -> Path:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # noqa: BLE001 - called outside a Hydra run
         return Path.cwd()
 
 
 def _table_file(cfg: DictConfig, space, device, num_classes: int) -> Path:
-    from nas.latency.build import table_path
-
     if cfg.lut.get("path"):
         return Path(str(cfg.lut.path)).expanduser()
     return table_path(cfg.lut.cache_dir, space, device, num_classes)
 
 
 def _validate(cfg: DictConfig, table, device, out_dir: Path) -> dict[str, Any]:
-    from nas.latency.validate import validate_table
-
     retest = bool(cfg.retest) and device.timed  # a count does not vary
     report = validate_table(table, device, samples=int(cfg.samples), seed=int(cfg.seed), retest=retest,
                             progress=_progress(cfg))
@@ -63,8 +68,6 @@ def _validate(cfg: DictConfig, table, device, out_dir: Path) -> dict[str, Any]:
 
 
 def _finish_report(report: dict[str, Any], out_dir: Path) -> None:
-    from nas.latency.validate import print_report, write_report
-
     print_report(report)
     json_path, png = write_report(report, out_dir)
     print(f"validation report: {json_path}" + (f", plot: {png}" if png else ""))
@@ -78,10 +81,7 @@ def run_lut(cfg: DictConfig) -> float:
     if mode == "import":
         return _import(cfg, out_dir)
 
-    import torch
 
-    from nas.latency.build import build_latency_table
-    from nas.latency.table import LatencyTable
 
     space = make_space(cfg.space)
     device = make_device(cfg.hardware)
@@ -99,8 +99,6 @@ def run_lut(cfg: DictConfig) -> float:
         return float(report["summary"]["within_10pct"])
 
     if mode == "kit":
-        from nas.latency.kit import export_kit
-
         if device.name != "onnxruntime":
             raise UserError(f"a device kit runs ONNX Runtime on the device; use hardware=onnxruntime "
                             f"(its threads and batch_size become the kit's defaults), not hardware={device.name}")
@@ -170,16 +168,12 @@ def _print_table(table) -> None:
     print(f"latency range of the space: {lo:.4f}-{hi:.4f} ms")
     method = table.meta.get("method") or {}
     if method.get("clean_fraction") is not None:
-        from nas.latency.validate import busy_warning
-
         print(f"{100 * method['clean_fraction']:.0f}% of the timed calls ran uninterrupted "
               f"(load average {table.meta.get('load_avg')})")
         busy_warning(method["clean_fraction"])
 
 
 def _import(cfg: DictConfig, out_dir: Path) -> float:
-    from nas.latency.kit import import_results
-
     if not cfg.get("results"):
         raise UserError("mode=import needs results=<results.json written by kit/measure.py>")
     results = Path(str(cfg.results)).expanduser()

@@ -37,12 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from nas.errors import UserError
+from nas.report.evolution_plots import plot_front
 from nas.strategies.base import SearchStrategy
 from nas.strategies.engine import CONSTRAINTS, METHODS, evolve
 from supernets.arch import Arch
 from supernets.bn import calibrate_bn
 from supernets.slimmable import BN_MODES
 from supernets.space import SearchSpace
+from supernets.supernet import Supernet
 
 SAMPLING = ("sandwich", "uniform")
 ENGINE_KEYS = ("method", "population", "sample", "parents", "mutation_prob", "crossover_prob", "constraint",
@@ -143,7 +145,6 @@ class EvolutionSearch(SearchStrategy):
             raise UserError(f"strategy.module.engine: method is one of {', '.join(METHODS)}, constraint one of "
                             f"{', '.join(CONSTRAINTS)}")
         if supernet.bn_mode != bn:  # a fresh supernet with the other BatchNorm kind (before any training)
-            from supernets.supernet import Supernet
 
             supernet = Supernet(space, supernet.num_classes, weight_sharing=supernet.weight_sharing, bn=bn)
         super().__init__(supernet, cost_model, targets)
@@ -395,8 +396,6 @@ class EvolutionSearch(SearchStrategy):
             path.write_text(buf.getvalue())
 
         def plot(path: Path) -> None:
-            from nas.report.evolution_plots import plot_front
-
             plot_front(cands, found, path, unit, self.cost_model.kind, this=label)
 
         return {"evolution.json": write_json, "evolution.csv": write_csv, "front.png": plot}

@@ -30,8 +30,9 @@ import torch
 
 from nas.console import item_progress
 from nas.errors import UserError
-from nas.io import atomic_write_text
+from nas.io import atomic_write_text, export_onnx
 from nas.latency.build import table_from_measurements
+from nas.latency.devices import reference_module
 from nas.latency.items import (
     arch_net,
     calibration_archs,
@@ -50,6 +51,7 @@ from nas.latency.measure import (
     clean_fraction,
 )
 from nas.latency.table import LatencyTable
+from nas.latency.validate import validate_measured
 from supernets.space import SearchSpace, SpaceError
 
 KIT_FORMAT = "hwnas-device-kit"
@@ -79,8 +81,6 @@ def _fingerprint_id(info: Mapping[str, Any]) -> str:
 
 
 def _export(module: torch.nn.Module, input_shape, batch_size: int, path: Path) -> None:
-    from nas.io import export_onnx
-
     module = module.eval()
     x = torch.randn((batch_size, *input_shape), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -94,8 +94,6 @@ def export_kit(space: SearchSpace, out: str | Path, *, num_classes: int, batch_s
                samples: int = 100, calib_nets: int = DEFAULT_CALIB_NETS,
                seed: int = 0, retest: bool = True, progress: bool = True, log=print) -> Path:
     """Write a device kit for ``space`` into ``out`` (see the module docstring); returns the manifest."""
-    from nas.latency.devices import reference_module
-
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         if not (out / "manifest.json").exists():
@@ -199,8 +197,6 @@ def _read_results(path: Path) -> dict[str, Any]:
 
 def import_results(results: str | Path) -> tuple[LatencyTable, dict[str, Any] | None]:
     """A latency table (and its validation report, when the kit measured one) from kit results."""
-    from nas.latency.validate import validate_measured
-
     d = _read_results(Path(results))
     manifest = d["manifest"]
     try:
