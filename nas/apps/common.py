@@ -17,6 +17,11 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
+from hydra.errors import (
+    ConfigCompositionException,
+    OverrideParseException,
+    SearchPathException,
+)
 from hydra.utils import instantiate as _inst
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -141,12 +146,6 @@ def user_errors(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 def _is_command_line_error(exc: BaseException | None) -> bool:
     """Hydra's own report of a mistake on the command line (``space=nope``, an unknown key, a
     malformed override): raised while composing the config, before any job ran."""
-    from hydra.errors import (
-        ConfigCompositionException,
-        OverrideParseException,
-        SearchPathException,
-    )
-
     return isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException))
 
 
