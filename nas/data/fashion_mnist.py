@@ -60,6 +60,36 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
            "Ankle boot")
 
 
+class ShiftFlip(Dataset):
+    """Training augmentation for centred grey images: a random shift of up to ``shift`` pixels each way
+    (the vacated border filled with the background value) and a horizontal flip with probability 1/2.
+
+    This is the usual Fashion-MNIST recipe (garments are left-right symmetric; the padding to 32 leaves
+    room for a 2-pixel shift without cutting the object). Applied to the weight-training split only;
+    the arch and test splits stay exact. Draws come from torch's global generator, which Lightning's
+    ``seed_everything`` seeds, so a retraining with a given seed sees the same augmented stream.
+    """
+
+    def __init__(self, base: Dataset, shift: int, *, background: float):
+        self.base, self.shift, self.background = base, int(shift), float(background)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        x, y = self.base[index]
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        s = self.shift
+        if s:
+            dx, dy = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+            if dx or dy:
+                x = F.pad(x, (s, s, s, s), value=self.background)
+                h, w = x.shape[-2] - 2 * s, x.shape[-1] - 2 * s
+                x = x[..., s + dy:s + dy + h, s + dx:s + dx + w]
+        return x, y
+
+
 class IdxError(Exception):
     """A damaged or missing IDX file (turned into a :class:`UserError` naming every way to get the data)."""
 
@@ -163,8 +193,10 @@ class FashionMNISTDataModule(ImageDataModule):
 
     def __init__(self, root: str | os.PathLike[str] | None = None, download: bool = False,
                  download_root: str | os.PathLike[str] = "data/fashion_mnist", train_size: int | None = None,
-                 test_size: int | None = None, resolution: int = 32, in_chans: int = 3, **common: Any) -> None:
+                 test_size: int | None = None, resolution: int = 32, in_chans: int = 3, augment: bool = False,
+                 shift: int = 2, **common: Any) -> None:
         super().__init__(resolution=resolution, **common)
+        _require_int("data.shift", shift, minimum=0)
         for key, value in (("data.train_size", train_size), ("data.test_size", test_size)):
             if value is not None:
                 _require_int(key, value, minimum=2 if key == "data.train_size" else 1)
@@ -173,6 +205,8 @@ class FashionMNISTDataModule(ImageDataModule):
         self.test_size = test_size
         self.in_chans = int(in_chans)
         self.num_classes = len(CLASSES)
+        self.augment = bool(augment)
+        self.shift = int(shift)
         self.download = bool(download)
         self.download_root = _resolve_path(download_root)
         self.root = _resolve_path(root) if root not in (None, "") else None
@@ -264,10 +298,14 @@ class FashionMNISTDataModule(ImageDataModule):
             return TensorDataset(x.expand(-1, self.in_chans, -1, -1), torch.as_tensor(y))
 
         pool_set = tensors(x_pool, tr_y[pool])
-        return Subset(pool_set, train_idx), Subset(pool_set, arch_idx), tensors(x_test, te_y[test])
+        train = Subset(pool_set, train_idx)
+        if self.augment:
+            train = ShiftFlip(train, self.shift, background=float((0.0 - mean) / std))
+        return train, Subset(pool_set, arch_idx), tensors(x_test, te_y[test])
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
+        d.update(augment=self.augment, shift=self.shift if self.augment else 0)
         d.update(source=self.source, folder=str(self.folder) if self.folder else None)
         return d
 

@@ -97,6 +97,47 @@ def test_train_and_test_subsets_are_balanced_and_seeded(tmp_path):
     assert fm.balanced_subset(np.arange(7) % 3, None, 0).tolist() == list(range(7))
 
 
+def test_augment_shifts_and_flips_the_training_split_only(tmp_path):
+    """Each augmented training image is its original moved by at most ``shift`` pixels each way (and maybe
+    mirrored), the uncovered border black; over many draws every shift and both flips occur; the arch and
+    test splits are exactly those of the module without augmentation."""
+    root = write_fashion(tmp_path / "fm", n_train=50, n_test=20)
+    plain = FashionMNISTDataModule(root=str(root), batch_size=8)
+    aug = FashionMNISTDataModule(root=str(root), batch_size=8, augment=True, shift=2)
+    plain.setup()
+    aug.setup()
+    assert aug.describe()["augment"] is True and plain.describe()["augment"] is False
+    mean, std = aug.norm
+    seen_shifts, flips = set(), set()
+    torch.manual_seed(0)
+    for i in range(len(aug.train_set)):
+        for _ in range(8):
+            x, y = aug.train_set[i]
+            x0, y0 = plain.train_set[i]
+            assert y == y0 and x.shape == x0.shape
+            raw = torch.round((x[0] * std + mean) * 255)
+            orig = torch.round((x0[0] * std + mean) * 255)
+            matches = [(dx, dy, f) for f in (False, True) for dx in range(-2, 3) for dy in range(-2, 3)
+                       if torch.equal(raw, _moved(orig.flip(-1) if f else orig, dx, dy))]
+            assert matches, "an augmented image is not a shifted/flipped copy of its original"
+            seen_shifts.update((dx, dy) for dx, dy, _ in matches)
+            flips.update(f for _, _, f in matches)
+    assert len(seen_shifts) == 25 and flips == {False, True}
+    for a, b in ((aug.arch_set, plain.arch_set), (aug.test_set, plain.test_set)):
+        assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(b)))
+    with pytest.raises(UserError, match="data.shift"):
+        FashionMNISTDataModule(root=str(root), augment=True, shift=-1)
+
+
+def _moved(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``img`` (H, W) with its content moved by (dx, dy) pixels into a black (0) frame."""
+    out = torch.zeros_like(img)
+    h, w = img.shape
+    out[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = img[max(0, dy):h - max(0, -dy),
+                                                                      max(0, dx):w - max(0, -dx)]
+    return out
+
+
 def test_lookup_order_root_then_env_then_debian(tmp_path, monkeypatch):
     env_dir = write_fashion(tmp_path / "env", n_train=30)
     deb_dir = write_fashion(tmp_path / "deb", n_train=60)
