@@ -265,7 +265,8 @@ def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], 
                  budgets: Mapping[str, float], seed: int, weight_sharing: str, accelerator: str = "cpu",
                  log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Search with strategy ``name``; returns ``{budget label: {"arch", "search_seconds", ...}}``."""
-    cfg = OmegaConf.load(Path(conf_dir) / "strategy" / f"{name}.yaml")
+    # under a `strategy` root, as nas-search composes it: the options' ${strategy.*} interpolations resolve
+    cfg = OmegaConf.create({"strategy": OmegaConf.load(Path(conf_dir) / "strategy" / f"{name}.yaml")}).strategy
     ov = OmegaConf.create(dict(overrides))
     epochs = int(ov.get("epochs", cfg.get("epochs", 10)))
     if "module" in ov:

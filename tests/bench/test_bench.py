@@ -135,6 +135,7 @@ def test_search_suite_smoke(tmp_path, space):
     device = build_device("cpu", threads=1, warmup=1, repeats=3)
     strategies = {"proxyless": {"epochs": 2, "module": {"warmup_epochs": 1}},
                   "ddpnas": {"epochs": 2, "module": {"warmup_epochs": 0}},
+                  "evolution": {"epochs": 1, "module": {"queries": 6, "calib_batches": 1}},
                   "nosuch": {}}
     res = bs.run_search_suite(space=space, datamodule=dm, device=device, cost_model=table, conf_dir=CONF,
                               targets=[0.6, 0.9], k=2, band=0.5, epochs=1, seeds=[0, 1], strategies=strategies,
@@ -165,6 +166,9 @@ def test_search_suite_smoke(tmp_path, space):
                 assert e["predicted_ms"] <= res["budgets"][b] + 1e-9
     assert "nosuch" in res["skipped_strategies"]
     assert ("ddpnas", "t0.60") in methods or "ddpnas" in res["skipped_strategies"]
+    for b in ("t0.60", "t0.90"):  # train once, one search per target: every export within its target
+        evo = next(e for e in res["entries"] if e["budget"] == b and e["method"] == "evolution")
+        assert evo["predicted_ms"] <= res["budgets"][b] + 1e-9 and evo["shared_search"]
     rk = res["ranking"]
     distinct = {tuple(sorted(e["choices"].items())) for e in res["entries"]}
     assert rk["n"] == len(distinct) and -1.0 <= rk["kendall_tau"] <= 1.0
