@@ -234,8 +234,22 @@ def run_tabular(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
         evolve(table.decisions, table.score_of, table.cost_of, max(table.cost.values()), queries=1, **engine)
     except ValueError as e:
         raise UserError(f"tabular.engine: {e}") from None
+    pred = OmegaConf.to_container(t.get("predictor") or {}, resolve=True) or {}
+    bad = sorted(set(pred) - {"enabled", "kind", "queries", "fit", "rounds", "search_queries"})
+    if bad:
+        raise UserError(f"tabular.predictor: unknown keys {bad}; allowed: enabled, kind, queries, fit, rounds, "
+                        f"search_queries")
     res = tb.run_tabular(table, [float(p) for p in t.percentiles], seeds, int(t.queries), list(t.checkpoints),
-                         engine, log=_log)
+                         engine, log=_log, predictor=pred if pred.get("enabled", False) else None)
+    quality = t.get("predictor_quality")
+    if quality and quality.get("kinds"):
+        q_seeds = quality.seeds
+        q_seeds = list(range(int(q_seeds))) if isinstance(q_seeds, int) else [int(s) for s in q_seeds]
+        res["predictor_quality"] = tb.predictor_quality(table, list(quality.kinds), [int(n) for n in quality.fits],
+                                                        int(quality.held_out), q_seeds)
+        for kind, row in res["predictor_quality"]["kinds"].items():
+            _log(f"tabular: predictor {kind}: Kendall tau on {quality.held_out} held-out archs "
+                 + ", ".join(f"N={n}: {v['median']:.3f}" for n, v in row.items()))
     res["path"] = str(t.path)
     res["verdict"] = tb.verdict(res, float(t.goal))
     return res, tb.markdown(res)

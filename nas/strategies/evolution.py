@@ -40,6 +40,7 @@ from nas.errors import UserError
 from nas.report.evolution_plots import plot_front
 from nas.strategies.base import SearchStrategy
 from nas.strategies.engine import CONSTRAINTS, METHODS, evolve
+from nas.strategies.predictor import KINDS, evolve_with_predictor
 from supernets.arch import Arch
 from supernets.bn import calibrate_bn
 from supernets.slimmable import BN_MODES
@@ -47,6 +48,7 @@ from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 
 SAMPLING = ("sandwich", "uniform")
+PREDICTOR_KEYS = ("enabled", "kind", "fit", "rounds", "search_queries")
 ENGINE_KEYS = ("method", "population", "sample", "parents", "mutation_prob", "crossover_prob", "constraint",
                "max_tries")
 CHECKPOINT = "last.ckpt"
@@ -120,7 +122,7 @@ class EvolutionSearch(SearchStrategy):
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0, bn: str = "switchable",
                  calib_batches: int = 20, eval_batches: int | None = None, queries: int = 100,
                  min_fraction: float | None = 0.9, engine: Mapping[str, Any] | None = None, seed: int | None = None,
-                 supernet_path: str | None = None):
+                 supernet_path: str | None = None, predictor: Mapping[str, Any] | None = None):
         space: SearchSpace = supernet.space
         if sampling not in SAMPLING:
             raise UserError(f"strategy.module.sampling={sampling!r} is unknown; choose one of: {', '.join(SAMPLING)}")
@@ -144,6 +146,14 @@ class EvolutionSearch(SearchStrategy):
         if engine.get("method", "aging") not in METHODS or engine.get("constraint", "rejection") not in CONSTRAINTS:
             raise UserError(f"strategy.module.engine: method is one of {', '.join(METHODS)}, constraint one of "
                             f"{', '.join(CONSTRAINTS)}")
+        predictor = dict(predictor or {})
+        bad = sorted(set(predictor) - set(PREDICTOR_KEYS))
+        if bad or predictor.get("kind", "ridge") not in KINDS:
+            raise UserError(f"strategy.module.predictor: unknown keys {bad}; allowed: {', '.join(PREDICTOR_KEYS)}"
+                            if bad else f"strategy.module.predictor.kind={predictor['kind']!r} is unknown; choose one "
+                            f"of {', '.join(KINDS)}")
+        if predictor.get("fit") is not None and not 2 <= int(predictor["fit"]) <= int(queries):
+            raise UserError(f"strategy.module.predictor.fit={predictor['fit']} must be in [2, queries={queries}]")
         if supernet.bn_mode != bn:  # a fresh supernet with the other BatchNorm kind (before any training)
 
             supernet = Supernet(space, supernet.num_classes, weight_sharing=supernet.weight_sharing, bn=bn)
@@ -167,6 +177,7 @@ class EvolutionSearch(SearchStrategy):
         self.queries = int(queries)
         self.min_fraction = None if min_fraction is None else float(min_fraction)
         self.engine = engine
+        self.predictor = predictor if predictor.pop("enabled", bool(predictor)) else None
         self.seed = seed
         self.decisions = space.decisions()
         n = self.supernet.num_classes
@@ -309,13 +320,12 @@ class EvolutionSearch(SearchStrategy):
         for label, t in self.targets.items():
             before, t1 = len(self._scores), time.perf_counter()
             floor = None if self.min_fraction is None else self.min_fraction * t
-            res = evolve(self.decisions, score, cost, t, floor=floor, queries=self.queries, seed=seed,
-                         **self.engine)
+            res = self._evolve(score, cost, t, floor, seed)
             if res.best is None and floor is not None:
                 if log:
                     log(f"evolution {label}: no architecture found in [{self.min_fraction:g}, 1] x the target; "
                         f"searching under the target")
-                res = evolve(self.decisions, score, cost, t, queries=self.queries, seed=seed, **self.engine)
+                res = self._evolve(score, cost, t, None, seed)
             if res.best is None:  # targets are checked against the cheapest architecture up front
                 raise RuntimeError(f"evolution {label}: no architecture within {t:.4g} {unit} was found")
             arch = space.make_arch(res.best, n)
@@ -339,6 +349,15 @@ class EvolutionSearch(SearchStrategy):
                                             "training": self.pretrained.get("search_cost")}
         self._found = found
         return found
+
+    def _evolve(self, score, cost, target: float, floor: float | None, seed: int):
+        """The engine, or with ``predictor`` set, the engine steered by an accuracy predictor fitted on
+        the supernet scores (the same number of candidates scored on the supernet)."""
+        if self.predictor is None:
+            return evolve(self.decisions, score, cost, target, floor=floor, queries=self.queries, seed=seed,
+                          **self.engine)
+        return evolve_with_predictor(self.decisions, score, cost, target, floor=floor, queries=self.queries,
+                                     seed=seed, **self.predictor, **self.engine)
 
     def derive_all(self) -> dict[str, Arch]:
         found = self.search()
@@ -382,7 +401,8 @@ class EvolutionSearch(SearchStrategy):
 
         def write_json(path: Path) -> None:
             path.write_text(json.dumps({"kind": self.cost_model.kind, "unit": unit, "targets": self.targets,
-                                        "queries": self.queries, "engine": self.engine, "min_fraction": self.min_fraction,
+                                        "queries": self.queries, "engine": self.engine, "predictor": self.predictor,
+                                        "min_fraction": self.min_fraction,
                                         "found": found, "candidates": cands, "queries_by_target": self._rows},
                                        indent=1))
 

@@ -83,13 +83,22 @@ def test_nas_bench_tabular_writes_per_budget_oracle_engine_and_random(tmp_path):
     path = tmp_path / "table.json"
     path.write_text(json.dumps(made_up_table(n=6)))
     cfg = _bench(["suite=tabular", f"tabular.path={path}", f"out={tmp_path / 'out'}", "tabular.seeds=4",
-                  "tabular.queries=60", "tabular.checkpoints=[20,40]"])
+                  "tabular.queries=60", "tabular.checkpoints=[20,40]", "tabular.predictor.queries=30",
+                  "tabular.predictor.fit=10", "tabular.predictor.search_queries=100", "tabular.predictor.kind=ridge",
+                  "tabular.predictor_quality.fits=[20]", "tabular.predictor_quality.seeds=2",
+                  "tabular.predictor_quality.held_out=200"])
     metric = run_bench(cfg)
     res = json.loads((tmp_path / "out" / "bench.json").read_text())["tabular"]
     assert [b["percentile"] for b in res["budgets"]] == [25, 50, 75] and res["seeds"] == [0, 1, 2, 3]
     for b in res["budgets"]:
-        assert set(b["engine"]["regret"]) == set(b["random"]["regret"]) == {"20", "40", "60"}
+        assert set(b["engine"]["regret"]) == set(b["random"]["regret"]) == {"20", "30", "40", "60"}
+        assert set(b["predictor"]["regret"]) == {"20", "30"}  # it spends 30 true scores, no more
+        assert b["predictor"]["queries_used_median"] == 30
         assert b["oracle"]["score"] == Table.load(path).oracle(b["budget"])[1]
+    q = res["predictor_quality"]
+    assert set(q["kinds"]) == {"ridge", "gbt", "mlp"} and q["held_out"] == 200
+    assert all(-1 <= row["20"]["median"] <= 1 for row in q["kinds"].values())
+    assert q["kinds"]["ridge"]["20"]["median"] > 0.3  # the made-up table is mostly additive
     v = res["verdict"]
     assert set(v) == {"p25", "p50", "p75"} and metric == pytest.approx(sum(x["engine"] for x in v.values()) / 3)
     assert "| p25 <=" in (tmp_path / "out" / "bench.md").read_text()
@@ -100,6 +109,8 @@ def test_nas_bench_tabular_writes_per_budget_oracle_engine_and_random(tmp_path):
     (["tabular.path=/nonexistent/table.json"], "no such file"),
     (["tabular.path=TABLE", "+tabular.engine.temperature=2"], "unknown engine keys"),
     (["tabular.path=TABLE", "tabular.engine.method=annealing"], "method 'annealing' is unknown"),
+    (["tabular.path=TABLE", "tabular.predictor.kind=forest"], "tabular.predictor.kind='forest' is unknown"),
+    (["tabular.path=TABLE", "+tabular.predictor.depth=3"], "tabular.predictor: unknown keys"),
 ])
 def test_tabular_mistakes_are_one_line_user_errors(tmp_path, overrides, words):
     path = tmp_path / "table.json"

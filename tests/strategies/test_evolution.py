@@ -66,7 +66,10 @@ def test_sandwich_trains_largest_smallest_and_random_archs_over_every_decision()
 
 @pytest.mark.parametrize("kw,words", [({"sampling": "all"}, "sampling"), ({"engine": {"temperature": 1}}, "unknown keys"),
                                       ({"engine": {"method": "annealing"}}, "method is one of"),
-                                      ({"min_fraction": 1.5}, "min_fraction"), ({"queries": 0}, "queries")])
+                                      ({"min_fraction": 1.5}, "min_fraction"), ({"queries": 0}, "queries"),
+                                      ({"predictor": {"kind": "forest"}}, "predictor.kind"),
+                                      ({"predictor": {"depth": 2}}, "predictor: unknown keys"),
+                                      ({"queries": 5, "predictor": {"fit": 9}}, "predictor.fit")])
 def test_bad_options_are_user_errors(kw, words):
     space = SearchSpace.from_dict(OPS_AND_WIDTHS)
     with pytest.raises(UserError, match=words):
@@ -137,6 +140,15 @@ def test_specialising_the_trained_supernet_needs_no_training(evolution_run, tmp_
     assert set(picks) == {"t0.50", "t0.70"}
     for label, arch in picks.items():
         assert cost.predict(arch) <= module.targets[label] + 1e-9
+    # the same search steered by a predictor: as many supernet scores per target, the rest predicted
+    steered = EvolutionSearch(Supernet(space, 10), cost, targets=[0.5], queries=6, calib_batches=2,
+                              engine={"population": 2, "sample": 2}, supernet_path=str(run_dir),
+                              predictor={"enabled": True, "kind": "ridge", "fit": 3, "rounds": 1, "search_queries": 20})
+    steered.train_loaders(dm)
+    found = steered.search(log=None)["t0.50"]
+    assert found["queries"] == len(steered._scores) == 6 and found["stats"]["predictor_fits"] == 1
+    assert cost.predict(found["arch"]) <= steered.targets["t0.50"] + 1e-9
+    assert found["score"] == max(steered._scores.values())
 
 
 def test_another_space_or_classes_checkpoint_is_refused_in_one_line(evolution_run, tmp_path):
