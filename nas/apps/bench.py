@@ -183,6 +183,18 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
+    search_dm = None
+    search_size = s.get("search_train_size")
+    if search_size is not None:
+        if isinstance(search_size, bool) or not isinstance(search_size, int) or search_size < 20:
+            raise UserError(f"search.search_train_size={search_size!r} must be an integer >= 20 (images the searches "
+                            f"use), or null (the searches use the whole data.train_size)")
+        if "train_size" not in cfg.data:
+            raise UserError(f"search.search_train_size needs a data module with a train_size option; data="
+                            f"{cfg.data.get('name', '?')} has none: set search.search_train_size=null")
+        search_dm = instantiate(OmegaConf.merge(cfg.data, {"train_size": int(search_size)}))
+        search_dm.prepare_data()
+        search_dm.setup()
     cost_model = make_cost_model(cfg, space, device, datamodule.num_classes, log=_log)
     if cost_model.kind != "latency":
         raise UserError(f"suite=search compares measured latencies; hardware={device.name} is an analytic model. "
@@ -196,7 +208,8 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
         lr=float(s.lr), label_smoothing=float(s.label_smoothing), strategies=strategies,
         random_search=container("random_search"), disc=container("discrimination"), ranking=container("ranking"),
         weight_sharing=str(cfg.supernet.weight_sharing), seed=int(cfg.seed), measure=container("measure"),
-        jobs=int(s.get("jobs") or 1), threads=threads, accelerator=str(s.get("accelerator") or "cpu"), log=_log)
+        jobs=int(s.get("jobs") or 1), threads=threads, accelerator=str(s.get("accelerator") or "cpu"),
+        search_datamodule=search_dm, log=_log)
     res["preset"] = str(s.get("preset", "none"))
     if res.get("entries"):
         bs.plot(res, out / "search_pareto.png")

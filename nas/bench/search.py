@@ -366,10 +366,16 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
                      random_search: Mapping[str, Any] | None = None, disc: Mapping[str, Any] | None = None,
                      ranking: Mapping[str, Any] | None = None, weight_sharing: str = "elastic", seed: int = 0,
                      measure: Mapping[str, Any] | None = None, jobs: int = 1, threads: int = 1,
-                     accelerator: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+                     accelerator: str = "cpu", search_datamodule=None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The protocol of docs/search-quality.md. ``search_datamodule`` (default: ``datamodule``) is what
+    the searches, the random-search supernet and the ranking's supernet scores use: a proxy subset
+    for the searches, as ProxylessNAS searched on part of ImageNet; every net is retrained on
+    ``datamodule``."""
     _quiet_lightning()
     t0 = time.perf_counter()
     num_classes = datamodule.num_classes
+    sdm = datamodule if search_datamodule is None else search_datamodule
     lo, hi = cost_model.bounds()
     resolved = cost_model.resolve_targets(list(targets))
     d = datamodule.describe()
@@ -389,6 +395,10 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
                        (strategies or {}).items()},
         "random_search": dict(rs), "entries": [], "load_avg_start": list(os.getloadavg()),
     }
+    if sdm is not datamodule:
+        sd = sdm.describe()
+        res["search_data"] = sd
+        log(f"searches on a proxy subset: {sd['train']} train / {sd['arch']} arch images")
     try:
         # ---- 1. does the task tell architectures apart at these settings?
         log("discrimination check: smallest vs largest net")
@@ -421,7 +431,7 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
             if name in missing:
                 continue
             log(f"searching with {name}")
-            found = run_strategy(name, conf_dir, dict(ov or {}), space=space, datamodule=datamodule,
+            found = run_strategy(name, conf_dir, dict(ov or {}), space=space, datamodule=sdm,
                                  cost_model=cost_model, budgets=resolved, seed=seed, weight_sharing=weight_sharing,
                                  accelerator=accelerator, log=log)
             for label, r in found.items():
@@ -438,17 +448,17 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
                 add("random", label, a, index=j)
         spos_epochs = int(rs["epochs"] or (max(search_epochs) if search_epochs else epochs))
         log(f"random search: SPOS supernet, {spos_epochs} epochs")
-        supernet, spos_secs = train_spos_supernet(conf_dir, space=space, datamodule=datamodule, cost_model=cost_model,
+        supernet, spos_secs = train_spos_supernet(conf_dir, space=space, datamodule=sdm, cost_model=cost_model,
                                                   epochs=spos_epochs, seed=seed, weight_sharing=weight_sharing,
                                                   accelerator=accelerator)
-        calib = list(datamodule.calib_dataloader(int(rs["calib_batches"])))
+        calib = list(sdm.calib_dataloader(int(rs["calib_batches"])))
         res["random_search"].update(supernet_epochs=spos_epochs, supernet_seconds=spos_secs)
         sn_acc: dict[tuple, float] = {}
 
         def sn(arch) -> float:
             key = arch_key(arch)
             if key not in sn_acc:
-                sn_acc[key] = supernet_accuracy(supernet, arch, datamodule, calib)
+                sn_acc[key] = supernet_accuracy(supernet, arch, sdm, calib)
             return sn_acc[key]
 
         for i, (label, ms) in enumerate(resolved.items()):
@@ -571,6 +581,10 @@ def markdown(res: Mapping[str, Any]) -> str:
         f"retrain {res['epochs']} epochs x seeds {res['seeds']}; latency on {res['device']} "
         f"(threads {res.get('device_fingerprint', {}).get('threads', '?')}); {res['seconds'] / 60:.1f} min; "
         f"load avg {res['load_avg_start'][0]:.2f} at start, {res['load_avg'][0]:.2f} at the end)", ""]
+    if res.get("search_data"):
+        sd = res["search_data"]
+        lines += [f"Searches and the random-search supernet trained on a proxy subset: {sd['train']} train / "
+                  f"{sd['arch']} arch images; every net retrained on the {d['train']} above.", ""]
     g = res.get("discrimination")
     if g:
         lines.append(f"Discrimination check: smallest net {_pm(g['smallest_test_acc'], g['smallest_std'])} %, largest "

@@ -137,10 +137,13 @@ def test_search_suite_smoke(tmp_path, space):
                   "ddpnas": {"epochs": 2, "module": {"warmup_epochs": 0}},
                   "evolution": {"epochs": 1, "module": {"queries": 6, "calib_batches": 1}},
                   "nosuch": {}}
+    proxy = TexShapesDataModule(resolution=space.resolution, n_train=60, n_test=40, batch_size=32)
+    proxy.setup()
     res = bs.run_search_suite(space=space, datamodule=dm, device=device, cost_model=table, conf_dir=CONF,
                               targets=[0.6, 0.9], k=2, band=0.5, epochs=1, seeds=[0, 1], strategies=strategies,
                               random_search={"candidates": 4, "calib_batches": 1}, disc={"stop": False},
-                              jobs=2, log=lambda m: None)
+                              jobs=2, search_datamodule=proxy, log=lambda m: None)
+    assert res["search_data"]["train"] == proxy.describe()["train"] < dm.describe()["train"]
     g = res["discrimination"]
     assert len(g["smallest_accs"]) == len(g["largest_accs"]) == 2
     assert g["gap_points"] == pytest.approx(100 * (sum(g["largest_accs"]) - sum(g["smallest_accs"])) / 2)
@@ -176,7 +179,7 @@ def test_search_suite_smoke(tmp_path, space):
         assert len(e["test_accs"]) == 2 and 0.0 <= e["test_acc"] <= 1.0 and e["measured_ms"] > 0
         assert e["supernet_acc"] is not None
     md = bs.markdown(res)
-    assert "Kendall tau" in md and "vs random search" in md and "Discrimination check" in md
+    assert "Kendall tau" in md and "vs random search" in md and "Discrimination check" in md and "proxy subset" in md
     bs.plot(res, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 0
     # a task that does not tell the smallest from the largest net stops after the check
@@ -196,6 +199,15 @@ def test_search_statistics():
     assert p["diff"] == pytest.approx(2.0) and p["std"] == pytest.approx(1.0)
     assert p["ci95"] == pytest.approx([2.0 - 4.303 / 3 ** 0.5, 2.0 + 4.303 / 3 ** 0.5])
     assert t975(2) == 4.303 and t975(11) == 2.228
+
+
+@pytest.mark.parametrize("size,words", [("10", "must be an integer >= 20"), ("100", "has none")])
+def test_search_proxy_subset_mistakes_stop_in_one_line(size, words):
+    from nas.apps.bench import run_search
+
+    cfg = _bench_cfg(["data=texshapes", "preset=none", f"search.search_train_size={size}"])
+    with pytest.raises(UserError, match=words):
+        run_search(cfg, Path("."))
 
 
 def test_search_config_presets_and_renamed_key():
