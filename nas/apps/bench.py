@@ -209,7 +209,8 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
         random_search=container("random_search"), disc=container("discrimination"), ranking=container("ranking"),
         weight_sharing=str(cfg.supernet.weight_sharing), seed=int(cfg.seed), measure=container("measure"),
         jobs=int(s.get("jobs") or 1), threads=threads, accelerator=str(s.get("accelerator") or "cpu"),
-        search_datamodule=search_dm, log=_log)
+        search_datamodule=search_dm,
+        retrain_cache=(out / str(s.retrain_cache)) if s.get("retrain_cache") else None, log=_log)
     res["preset"] = str(s.get("preset", "none"))
     if res.get("entries"):
         bs.plot(res, out / "search_pareto.png")

@@ -27,6 +27,8 @@ Protocol (defaults in ``conf/bench.yaml``, on Fashion-MNIST, latency from the on
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -150,10 +152,16 @@ def arch_key(arch) -> tuple:
 
 
 class Retrainer:
-    """Retrains architectures once per (choices, seed), ``jobs`` at a time, and remembers the results."""
+    """Retrains architectures once per (choices, seed), ``jobs`` at a time, and remembers the results.
+
+    With ``cache`` (a JSON-lines file), every result is appended as soon as it is in, and the results
+    already there for the same *recipe* (space, data splits and options, epochs, lr, label smoothing,
+    accelerator) are reused instead of retrained: a suite stopped half-way resumes where it stopped.
+    """
 
     def __init__(self, space, datamodule, *, epochs: int, seeds: Sequence[int], lr: float, label_smoothing: float,
-                 jobs: int = 1, threads: int = 1, accelerator: str = "cpu", log: Callable[[str], None] = print):
+                 jobs: int = 1, threads: int = 1, accelerator: str = "cpu", log: Callable[[str], None] = print,
+                 cache: str | Path | None = None):
         self.space, self.dm = space, datamodule
         self.epochs, self.seeds = int(epochs), [int(s) for s in seeds]
         self.kw = dict(epochs=self.epochs, lr=float(lr), label_smoothing=float(label_smoothing),
@@ -162,7 +170,39 @@ class Retrainer:
         self.log = log
         self.runs: dict[tuple, dict[str, Any]] = {}  # (arch key, seed) -> result
         self.seconds = 0.0
+        self.reused = 0
         self._pool: ProcessPoolExecutor | None = None
+        self.cache = Path(cache) if cache is not None else None
+        self.recipe = self._recipe()
+        if self.cache is not None and self.cache.is_file():
+            self._load_cache()
+
+    def _recipe(self) -> str:
+        """A hash of everything that decides a retraining's result besides the architecture and seed."""
+        d = {k: v for k, v in self.dm.describe().items() if k not in ("source", "folder")}
+        d.update(batch_size=getattr(self.dm, "batch_size", None), data_seed=getattr(self.dm, "seed", None),
+                 space=self.space.fingerprint, **self.kw)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _load_cache(self) -> None:
+        for line in self.cache.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when a run was stopped
+                continue
+            if rec.get("recipe") == self.recipe and int(rec.get("seed", -1)) in self.seeds:
+                self.runs[(tuple(sorted(rec["choices"].items())), int(rec["seed"]))] = rec["result"]
+        self.reused = len(self.runs)
+        if self.reused:
+            self.log(f"reusing {self.reused} retrainings of the same recipe from {self.cache}")
+
+    def _remember(self, arch, seed: int, result: Mapping[str, Any]) -> None:
+        if self.cache is None:
+            return
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        with self.cache.open("a") as f:
+            f.write(json.dumps({"recipe": self.recipe, "choices": dict(arch.choices), "seed": int(seed),
+                                "result": dict(result)}) + "\n")
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -197,6 +237,7 @@ class Retrainer:
             results = (f.result() for f in futures)
         for (label, arch, s), r in zip(todo, results):
             self.runs[(arch_key(arch), s)] = r
+            self._remember(arch, s, r)
             self.seconds += r["seconds"]
             self.log(f"  retrained {label:<24} seed {s}: val {100 * r['val_acc']:.2f}%  test {100 * r['test_acc']:.2f}%"
                      f"  ({r['seconds']:.0f} s)")
@@ -366,7 +407,7 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
                      random_search: Mapping[str, Any] | None = None, disc: Mapping[str, Any] | None = None,
                      ranking: Mapping[str, Any] | None = None, weight_sharing: str = "elastic", seed: int = 0,
                      measure: Mapping[str, Any] | None = None, jobs: int = 1, threads: int = 1,
-                     accelerator: str = "cpu", search_datamodule=None,
+                     accelerator: str = "cpu", search_datamodule=None, retrain_cache: str | Path | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """The protocol of docs/search-quality.md. ``search_datamodule`` (default: ``datamodule``) is what
     the searches, the random-search supernet and the ranking's supernet scores use: a proxy subset
@@ -386,7 +427,7 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
         f"latency {lo:.3f}-{hi:.3f} ms on {device.name}; targets "
         + ", ".join(f"{k_}={v:.3f} ms" for k_, v in resolved.items()))
     trainer = Retrainer(space, datamodule, epochs=epochs, seeds=seeds, lr=lr, label_smoothing=label_smoothing,
-                        jobs=jobs, threads=threads, accelerator=accelerator, log=log)
+                        jobs=jobs, threads=threads, accelerator=accelerator, log=log, cache=retrain_cache)
     res: dict[str, Any] = {
         "space": space.name, "data": d, "device": device.name, "device_fingerprint": device.fingerprint(),
         "latency_range_ms": [lo, hi], "budgets": resolved, "k": k, "band": band, "epochs": epochs,
@@ -508,6 +549,7 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
 
 def _finish(res: dict[str, Any], trainer: Retrainer, t0: float) -> dict[str, Any]:
     res["retrain_seconds"] = trainer.seconds
+    res["retrainings_reused"] = trainer.reused
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["load_avg"] = list(os.getloadavg())
     return res

@@ -182,6 +182,19 @@ def test_search_suite_smoke(tmp_path, space):
     assert "Kendall tau" in md and "vs random search" in md and "Discrimination check" in md and "proxy subset" in md
     bs.plot(res, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 0
+    # a cache of retrainings: the second run with the same recipe retrains nothing and reads the same numbers
+    cache = tmp_path / "runs.jsonl"
+    kw = dict(space=space, datamodule=dm, device=device, cost_model=table, conf_dir=CONF, targets=[0.6], k=1,
+              epochs=1, seeds=[0, 1], strategies={}, disc={"min_gap": 101.0}, retrain_cache=cache, log=lambda m: None)
+    first = bs.run_search_suite(**kw)
+    assert len(cache.read_text().splitlines()) == 4 and first["retrainings_reused"] == 0
+    with cache.open("a") as f:
+        f.write('{"recipe": "cut sh')  # a line cut short by a stop is skipped
+    again = bs.run_search_suite(**kw)
+    assert again["retrainings_reused"] == 4 and again["retrain_seconds"] == 0
+    assert again["discrimination"]["largest_accs"] == first["discrimination"]["largest_accs"]
+    other = bs.run_search_suite(**dict(kw, epochs=2))  # another recipe: nothing reused
+    assert other["retrainings_reused"] == 0
     # a task that does not tell the smallest from the largest net stops after the check
     stopped = bs.run_search_suite(space=space, datamodule=dm, device=device, cost_model=table, conf_dir=CONF,
                                   targets=[0.6], k=1, epochs=1, seeds=[0, 1], strategies={},
