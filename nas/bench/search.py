@@ -180,8 +180,8 @@ class Retrainer:
     def _recipe(self) -> str:
         """A hash of everything that decides a retraining's result besides the architecture and seed."""
         d = {k: v for k, v in self.dm.describe().items() if k not in ("source", "folder")}
-        d.update(batch_size=getattr(self.dm, "batch_size", None), data_seed=getattr(self.dm, "seed", None),
-                 space=self.space.fingerprint, **self.kw)
+        opts = ("train_size", "test_size", "arch_fraction", "batch_size", "seed", "augment", "shift")
+        d.update({f"data_{k}": getattr(self.dm, k, None) for k in opts}, space=self.space.fingerprint, **self.kw)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _load_cache(self) -> None:
