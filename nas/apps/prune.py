@@ -39,7 +39,7 @@ from nas.latency.analytic import count_flops, count_params
 from nas.latency.cost import target_label
 from nas.prune.criteria import CRITERIA, channel_order, normalised, score_channels
 from nas.prune.export import kept_indices, write_pruned
-from nas.prune.graph import channel_counts, check_prunable, find_groups
+from nas.prune.graph import check_prunable, find_groups
 from nas.prune.search import (
     COSTS,
     SEARCHES,
@@ -72,6 +72,15 @@ def resolve_targets(targets: Any, full: float, smallest: float, unit: str, *, fr
         if label in out:
             raise UserError(f"strategy.targets lists {t!r} twice; give each target once")
         text = str(t).strip().lower()
+        if fractions_only:
+            try:
+                plain = 0 < float(text) <= 1
+            except ValueError:
+                plain = False
+            if not plain:
+                raise UserError(f"strategy.targets: {t!r} is not a fraction, but strategy.cost=flops searches FLOPs: "
+                                f"give the targets as fractions of the unpruned model (e.g. 0.5), the same for FLOPs "
+                                f"and latency")
         absolute = False
         try:
             if text.endswith(unit.lower()):
@@ -81,9 +90,6 @@ def resolve_targets(targets: Any, full: float, smallest: float, unit: str, *, fr
                 absolute = value > 1
         except ValueError:
             raise UserError(f"strategy.targets: {t!r} is not a number; {allowed}") from None
-        if absolute and fractions_only:
-            raise UserError(f"strategy.targets: {t!r} is absolute, but strategy.cost=flops searches FLOPs: give the "
-                            f"targets as fractions of the unpruned model (e.g. 0.5), the same for FLOPs and latency")
         value = value if absolute else value * full
         if not math.isfinite(value) or value <= 0:
             raise UserError(f"strategy.targets: {t!r} is not allowed: {allowed}")
@@ -300,7 +306,7 @@ def run_prune(cfg: DictConfig) -> float:
             "data": datamodule.describe(),
         }
         folder = write_pruned(Path(cfg.export.dir) / label, net=net, spec=spec, input_shape=input_shape,
-                              ignore=ignore, plan=plan, channels=channel_counts(net, groups), history=history,
+                              ignore=ignore, plan=plan, channels=channels, history=history,
                               report=report, onnx=bool(cfg.export.onnx))
         reports.append(report)
         meas = "-" if m is None else f"{m:.4g}"

@@ -52,7 +52,8 @@ def kept_indices(history: Sequence[Sequence[Any]], channels: Mapping[str, int]) 
 def write_pruned(out_dir: str | os.PathLike, *, net: nn.Module, spec: Mapping[str, Any],
                  input_shape: Sequence[int], ignore: Sequence[str], plan: Mapping[str, int],
                  channels: Mapping[str, int], history: list, report: Mapping[str, Any], onnx: bool = True) -> Path:
-    """Write one pruned model's folder atomically (temp sibling + rename; an old one is replaced)."""
+    """Write one pruned model's folder atomically (temp sibling + rename; an old one is replaced).
+    ``channels``: every group's channel count in the unpruned model; ``plan``: how many it keeps."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))

@@ -95,9 +95,10 @@ def _is_out_fn(dg: tp.DependencyGraph, fn) -> bool:
 
 
 def find_groups(model: nn.Module, example: torch.Tensor, ignore: Sequence[str] = ()) -> list[Group]:
-    """The prunable channel groups of ``model`` (the classifier's outputs and every group touching an
-    ignored layer are left out). A grouped convolution that is not ignored stops with its name."""
-    ignored = resolve_ignored(model, ignore) + classifier_modules(model)
+    """The prunable channel groups of ``model`` (the classifier's outputs, and every group touching an
+    ignored layer's inputs or outputs, are left out). A grouped convolution that is not ignored stops with its name."""
+    user_ignored = resolve_ignored(model, ignore)
+    ignored = user_ignored + classifier_modules(model)
     grouped = _grouped_convs(model, ignored)
     if grouped:
         raise UserError(f"layer {grouped[0]} is a grouped convolution ({len(grouped)} in the model), whose channels "
@@ -110,6 +111,8 @@ def find_groups(model: nn.Module, example: torch.Tensor, ignore: Sequence[str] =
     out = []
     for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
         root = g[0].dep.target.module
+        if any(d.target.module is m for d, _ in g for m in user_ignored):
+            continue  # an ignored layer keeps its inputs too, not only its outputs
         layers = tuple(dict.fromkeys(names[d.target.module] for d, _ in g
                                      if d.target.module in names and _is_out_fn(dg, d.handler)))
         out.append(Group(names[root], len(g[0].idxs), layers, pixels.get(names[root], 1)))
@@ -240,7 +243,7 @@ def check_prunable(model: nn.Module, example: torch.Tensor, groups: Sequence[Gro
     for g in groups:
         problem = _runs(model, example, {g.name: plan[g.name]}, order, ignore, expected_out)
         if problem is not None:
-            raise UserError(f"pruning the channels of layer {g.name} (coupled with {', '.join(g.layers[1:4]) or 'nothing'}"
+            raise UserError(f"pruning the channels of layer {g.name} (coupled with {', '.join(g.layers[1:7]) or 'nothing'}"
                             f") breaks the model ({problem}); the dependency graph does not handle a layer of this "
                             f"group: leave it out with ignore=[{g.name}]")
     raise UserError("pruning all groups together breaks the model although each group alone works; leave the "

@@ -5,6 +5,7 @@ loaded (:func:`nas.prune.export.load_pruned`)."""
 from __future__ import annotations
 
 import difflib
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -86,7 +87,7 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"model.weights={path} cannot be read as weights ({first[:200]}); pass a .safetensors "
                         f"file or a torch state dict saved with torch.save(model.state_dict(), ...)") from None
