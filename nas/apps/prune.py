@@ -10,6 +10,7 @@ graph cannot handle.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -235,7 +236,12 @@ def run_prune(cfg: DictConfig) -> float:
         print(f"trained weights: {run_dir / 'original' / 'model.safetensors'} (prune them again with "
               f"model.weights=<that file>)")
     acc_before = evaluate(model, test_loader)
-    print(f"unpruned test acc {100 * acc_before:.2f}%")
+    recal = copy.deepcopy(model)
+    calibrate_bn(recal, calib)  # as every pruned model is before its accuracy is taken
+    acc_before_recal = evaluate(recal, test_loader)
+    del recal
+    print(f"unpruned test acc {100 * acc_before:.2f}% ({100 * acc_before_recal:.2f}% with BatchNorm recalibrated on "
+          f"{len(calib)} batches, as the pruned models are)")
 
     # ---- importance, then the search
     ts = time.perf_counter()
@@ -295,7 +301,8 @@ def run_prune(cfg: DictConfig) -> float:
                             "seconds": round(search_seconds, 2)},
             "params": count_params(net), "params_unpruned": count_params(model),
             "flops": count_flops(net, input_shape), "flops_unpruned": flops_full,
-            "test_acc_unpruned": acc_before, "test_acc_pruned": acc_pruned, "test_acc": acc_after,
+            "test_acc_unpruned": acc_before, "test_acc_unpruned_recalibrated": acc_before_recal,
+            "test_acc_pruned": acc_pruned, "test_acc": acc_after,
             "val_acc": val_acc,
             "recovery": {"mode": mode, "epochs": int(cfg.recovery.epochs) if mode != "none" else 0,
                          "seconds": round(recovery_seconds, 2)},

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -9,11 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from nas.apps.common import CONF_DIR
 from nas.errors import UserError
+from nas.export import write_export
 from nas.prune.criteria import channel_order, score_channels
 from nas.prune.export import PRUNE_FILE, load_pruned, write_pruned
 from nas.prune.graph import find_groups, prune, round_keep
 from nas.prune.source import load_original, source_spec
+from supernets.space import SearchSpace
+from supernets.supernet import Supernet
 from tests.prune.models import TinyResNet
 
 X = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -98,3 +104,24 @@ def test_a_torch_file_is_loaded_with_weights_only_and_a_wrapper_prefix_is_stripp
     torch.save({"model": src}, h)  # a whole pickled module: refused by weights_only loading
     with pytest.raises(UserError, match="cannot be read as weights"):
         load_original(SPEC, str(h))
+
+
+def test_an_hwnas_export_as_the_source_rebuilds_from_its_arch_file(tmp_path):
+    """A searched net (timm EfficientNet from an export folder) pruned, saved and loaded back."""
+    space = SearchSpace.from_yaml(Path(CONF_DIR) / "space" / "mbv2_tiny.yaml")
+    arch = space.largest(10)
+    src = write_export(tmp_path / "search_export", space=space, arch=arch, model=Supernet(space, 10).extract(arch),
+                       report={}, onnx=False)
+    spec = source_spec(name=None, export=str(src), module=None, num_classes=10, in_chans=3)
+    net = load_original(spec, None).eval()
+    x = torch.randn(2, 3, space.resolution, space.resolution)
+    groups = find_groups(net, x[:1])
+    order = channel_order(score_channels(net, x[:1], groups, "fpgm"))
+    plan = {g.name: round_keep(g.channels, g.channels * 0.6, 8) for g in groups}
+    pruned, history = prune(net, x[:1], plan, order)
+    folder = write_pruned(tmp_path / "t0.60", net=pruned, spec=spec, input_shape=tuple(x.shape[1:]), ignore=[],
+                          plan=plan, channels={g.name: g.channels for g in groups}, history=history, report={},
+                          onnx=False)
+    shutil.rmtree(src)  # the pruned folder holds what it needs: its own copy of the arch file
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(folder)(x), pruned(x))
