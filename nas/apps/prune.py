@@ -111,7 +111,12 @@ def _check_options(cfg: DictConfig) -> dict[str, Any]:
     check_choice("strategy.criterion", s.criterion, CRITERIA)
     check_choice("strategy.search", s.search, SEARCHES)
     check_choice("strategy.cost", s.cost, COSTS, "latency: measured on hardware=; flops: pruned by FLOPs")
-    check_choice("recovery.mode", r.mode, RECOVERY, "distill: KD from the unpruned model")
+    modes = [str(m) for m in (r.mode if OmegaConf.is_list(r.mode) else [r.mode])]
+    if not modes or len(set(modes)) != len(modes):
+        raise UserError(f"recovery.mode={modes}: give one mode, or a list of different ones (the same pruned shape "
+                        f"recovered each way, e.g. 'recovery.mode=[distill,scratch]')")
+    for m in modes:
+        check_choice("recovery.mode", m, RECOVERY, "distill: KD from the unpruned model; a list runs each")
     rt = s.round_to
     if isinstance(rt, bool) or not isinstance(rt, int) or rt < 1:
         raise UserError(f"strategy.round_to={rt!r}: channel counts are kept on a multiple of a whole number >= 1, "
@@ -123,14 +128,14 @@ def _check_options(cfg: DictConfig) -> dict[str, Any]:
         v = s.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"strategy.{key}={v!r}: a whole number of batches >= 1")
-    if r.mode != "none":
+    if any(m != "none" for m in modes):
         check_epochs(r.epochs, "recovery.epochs")
     if int(cfg.model.train_epochs) > 0:
         check_epochs(cfg.model.train_epochs, "model.train_epochs")
     if cfg.model.train_epochs and cfg.model.weights:
         raise UserError("model.train_epochs trains the model from scratch, and model.weights gives trained "
                         "weights: give one of them")
-    return {"round_to": int(rt)}
+    return {"round_to": int(rt), "modes": modes}
 
 
 def _fit(net: nn.Module, datamodule, cfg: DictConfig, *, epochs: int, lr: float, teacher: nn.Module | None,
@@ -161,7 +166,7 @@ def _reinit(net: nn.Module) -> nn.Module:
 def run_prune(cfg: DictConfig) -> float:
     t0 = time.perf_counter()
     opts = _check_options(cfg)
-    round_to = opts["round_to"]
+    round_to, modes = opts["round_to"], opts["modes"]
     s, mcfg = cfg.strategy, cfg.model
     seed = int(cfg.seed)
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -266,60 +271,65 @@ def run_prune(cfg: DictConfig) -> float:
     flops_full = count_flops(model, input_shape)
 
     reports = []
+    channels = {g.name: g.channels for g in groups}
     for (label, target), m in zip(targets.items(), measured):
         plan = found[label]["plan"]
-        net, history = search_c.net(plan)
-        calibrate_bn(net, calib)  # the removed channels changed the statistics of the layers after them
-        acc_pruned = evaluate(net, test_loader)
-        mode = str(cfg.recovery.mode)
-        val_acc = None
-        tr = time.perf_counter()
-        if mode != "none":
-            if mode == "scratch":
-                _reinit(net)
-            teacher = model if mode == "distill" else None
-            print(f"{label}: recovery ({mode}, {cfg.recovery.epochs} epochs)")
-            net, val_acc = _fit(net, datamodule, cfg, epochs=int(cfg.recovery.epochs), lr=float(cfg.recovery.lr),
-                                teacher=teacher, root=run_dir / "recovery" / label)
-        recovery_seconds = time.perf_counter() - tr
-        acc_after = evaluate(net, test_loader)
-        channels = {g.name: g.channels for g in groups}
-        report = {
-            "label": label,
-            "strategy": f"prune/{s.search}/{s.criterion}",
-            "model": spec,
-            "criterion": str(s.criterion), "search": str(s.search),
-            "cost": cost if hardware.timed else hardware.name,
-            "memory_normalise": bool(s.memory_normalise), "round_to": round_to,
-            "target": {"value": target, "unit": search_c.unit, "fraction": target / full},
-            "latency_ms": {"device": hardware.name, "unit": device_c.unit, "target": dev_targets[label],
-                           "predicted": found[label]["cost"] if cost == "latency" else None,
-                           "measured": m, "unpruned": dev_full,
-                           "within_10pct": None if m is None else bool(m <= 1.1 * dev_targets[label])},
-            "search_cost": {"unit": search_c.unit, "found": found[label]["cost"], "target": target,
-                            "unpruned": full, "nets_measured": search_c.measured_nets,
-                            "seconds": round(search_seconds, 2)},
-            "params": count_params(net), "params_unpruned": count_params(model),
-            "flops": count_flops(net, input_shape), "flops_unpruned": flops_full,
-            "test_acc_unpruned": acc_before, "test_acc_unpruned_recalibrated": acc_before_recal,
-            "test_acc_pruned": acc_pruned, "test_acc": acc_after,
-            "val_acc": val_acc,
-            "recovery": {"mode": mode, "epochs": int(cfg.recovery.epochs) if mode != "none" else 0,
-                         "seconds": round(recovery_seconds, 2)},
-            "channels_kept": {k: int(v) for k, v in plan.items()},
-            "channels_unpruned": channels,
-            "kept_indices": kept_indices(history, channels),
-            "search_detail": {k: v for k, v in found[label].items() if k not in ("plan",)},
-            "data": datamodule.describe(),
-        }
-        folder = write_pruned(Path(cfg.export.dir) / label, net=net, spec=spec, input_shape=input_shape,
-                              ignore=ignore, plan=plan, channels=channels, history=history,
-                              report=report, onnx=bool(cfg.export.onnx))
-        reports.append(report)
-        meas = "-" if m is None else f"{m:.4g}"
-        print(f"{label}: {meas} {device_c.unit} measured (target {dev_targets[label]:.4g}), "
-              f"{report['params'] / 1e6:.3f} M params, test acc {100 * acc_before:.2f}% -> pruned "
-              f"{100 * acc_pruned:.2f}% -> {mode} {100 * acc_after:.2f}%  {folder}")
+        pruned, history = search_c.net(plan)
+        calibrate_bn(pruned, calib)  # the removed channels changed the statistics of the layers after them
+        acc_pruned = evaluate(pruned, test_loader)
+        for j, mode in enumerate(modes):
+            net = copy.deepcopy(pruned)
+            val_acc = None
+            tr = time.perf_counter()
+            if mode != "none":
+                pl.seed_everything(seed, workers=True, verbose=False)  # every mode sees the same batches
+                lr = float(cfg.recovery.lr)
+                if mode == "scratch":
+                    _reinit(net)
+                    lr = float(cfg.recovery.scratch_lr)
+                teacher = model if mode == "distill" else None
+                print(f"{label}: recovery ({mode}, {cfg.recovery.epochs} epochs)")
+                net, val_acc = _fit(net, datamodule, cfg, epochs=int(cfg.recovery.epochs), lr=lr, teacher=teacher,
+                                    root=run_dir / "recovery" / f"{label}-{mode}")
+            recovery_seconds = time.perf_counter() - tr
+            acc_after = evaluate(net, test_loader)
+            name = label if j == 0 else f"{label}-{mode}"
+            report = {
+                "label": name,
+                "strategy": f"prune/{s.search}/{s.criterion}/{mode}",
+                "model": spec,
+                "criterion": str(s.criterion), "search": str(s.search),
+                "cost": cost if hardware.timed else hardware.name,
+                "memory_normalise": bool(s.memory_normalise), "round_to": round_to,
+                "target": {"label": label, "value": target, "unit": search_c.unit, "fraction": target / full},
+                "latency_ms": {"device": hardware.name, "unit": device_c.unit, "target": dev_targets[label],
+                               "predicted": found[label]["cost"] if cost == "latency" else None,
+                               "measured": m, "unpruned": dev_full,
+                               "within_10pct": None if m is None else bool(m <= 1.1 * dev_targets[label])},
+                "search_cost": {"unit": search_c.unit, "found": found[label]["cost"], "target": target,
+                                "unpruned": full, "nets_measured": search_c.measured_nets,
+                                "seconds": round(search_seconds, 2)},
+                "params": count_params(net), "params_unpruned": count_params(model),
+                "flops": count_flops(net, input_shape), "flops_unpruned": flops_full,
+                "test_acc_unpruned": acc_before, "test_acc_unpruned_recalibrated": acc_before_recal,
+                "test_acc_pruned": acc_pruned, "test_acc": acc_after,
+                "val_acc": val_acc,
+                "recovery": {"mode": mode, "epochs": int(cfg.recovery.epochs) if mode != "none" else 0,
+                             "seconds": round(recovery_seconds, 2)},
+                "channels_kept": {k: int(v) for k, v in plan.items()},
+                "channels_unpruned": channels,
+                "kept_indices": kept_indices(history, channels),
+                "search_detail": {k: v for k, v in found[label].items() if k not in ("plan",)},
+                "data": datamodule.describe(),
+            }
+            folder = write_pruned(Path(cfg.export.dir) / name, net=net, spec=spec, input_shape=input_shape,
+                                  ignore=ignore, plan=plan, channels=channels, history=history,
+                                  report=report, onnx=bool(cfg.export.onnx))
+            reports.append(report)
+            meas = "-" if m is None else f"{m:.4g}"
+            print(f"{name}: {meas} {device_c.unit} measured (target {dev_targets[label]:.4g}), "
+                  f"{report['params'] / 1e6:.3f} M params, test acc {100 * acc_before:.2f}% -> pruned "
+                  f"{100 * acc_pruned:.2f}% -> {mode} {100 * acc_after:.2f}%  {folder}")
     print(f"pruned {len(reports)} model{'s' if len(reports) != 1 else ''} in {time.perf_counter() - t0:.0f} s: "
           f"{cfg.export.dir}")
     return float(reports[-1]["test_acc"])

@@ -31,7 +31,8 @@ def test_prune_by_flops_end_to_end(tmp_path):
     target, loads back to the reported accuracy, and the distillation recovers what pruning lost."""
     run_dir = tmp_path / "run"
     run = run_app("nas.apps.prune", MODULE, "hardware=flops", *TINY, "model.train_epochs=3", "recovery.epochs=2",
-                  "strategy.targets=[0.6]", "strategy.criterion=l1", f"hydra.run.dir={run_dir}")
+                  "strategy.targets=[0.6]", "strategy.criterion=l1", "recovery.mode=[distill,scratch]",
+                  f"hydra.run.dir={run_dir}")
     assert run.returncode == 0, run.describe()
     r = _report(run_dir, "t0.60")
     lat = r["latency_ms"]
@@ -45,6 +46,10 @@ def test_prune_by_flops_end_to_end(tmp_path):
     assert r["test_acc_unpruned"] > 0.6  # the unpruned model learnt
     assert r["test_acc"] > r["test_acc_pruned"] and r["test_acc"] > 0.6, r
     assert (run_dir / "original" / "model.safetensors").is_file()
+    # the "rethinking" control: the same shape, trained from a fresh initialisation
+    scratch = _report(run_dir, "t0.60-scratch")
+    assert scratch["recovery"]["mode"] == "scratch" and scratch["channels_kept"] == r["channels_kept"]
+    assert scratch["params"] == r["params"] and scratch["test_acc_pruned"] == r["test_acc_pruned"]
 
 
 def test_prune_on_a_timed_device(tmp_path):
