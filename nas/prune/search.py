@@ -16,8 +16,9 @@ Searches (each returns one plan per target, largest target first):
 * ``global``: all channels ranked across groups by the criterion's normalised scores (Group Fisher's
   memory normalisation with ``memory_normalise``), the search over how many of them go;
 * ``greedy`` (NetAdapt / AutoSlim): from the full model, step by step, each group thinned by one step
-  is a candidate; each is measured and its accuracy taken on a few held-out batches after BatchNorm
-  recalibration; the one losing the least accuracy per unit of cost saved is kept. One trajectory
+  is a candidate; all are measured in one pass together with the current plan (savings are differences
+  within one pass), and their accuracy taken on a few held-out batches after BatchNorm recalibration;
+  the one losing the least accuracy per unit of cost saved is kept. One trajectory
   serves every target: the plan is recorded as it first gets under each.
 """
 from __future__ import annotations
@@ -97,7 +98,10 @@ class Candidates:
         return [self.costs[plan_key(p)] for p in plans]
 
     def remeasure(self, plans: Sequence[Mapping[str, int]]) -> list[float]:
-        """A fresh measurement of ``plans`` (not from the cache), e.g. of the exports."""
+        """A fresh measurement of ``plans`` together (not from the cache), e.g. of the exports, or of a
+        greedy step's current plan beside its candidates (their differences then come from one pass)."""
+        if self.cost == "flops" or not self.hardware.timed:
+            return self.measure(plans)  # exact counts: nothing to measure again
         for p in plans:
             self.costs.pop(plan_key(p), None)
         return self.measure(plans)
@@ -224,10 +228,12 @@ def search_greedy(cands: Candidates, targets: Mapping[str, float], *, step: floa
                 options.append((g.name, {**plan, g.name: new}))
         if not options:
             break
-        costs = cands.measure([p for _, p in options])
+        # the current plan is measured again beside its candidates: a saving is a difference within one
+        # pass, immune to the machine's load changing between steps
+        cur, *costs = cands.remeasure([plan] + [p for _, p in options])
         best = None
         for (name, p), c in zip(options, costs):
-            saved = cost - c
+            saved = cur - c
             a = cands.accuracy(p)
             # a step that saves nothing measurable ranks behind every step that does
             score = (acc - a) / saved if saved > 0 else math.inf
