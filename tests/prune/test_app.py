@@ -15,6 +15,7 @@ from nas.data import DigitsDataModule
 from nas.errors import UserError
 from nas.export import evaluate
 from nas.prune import load_pruned
+from nas.prune.table import markdown, rows
 from tests.helpers import run_app
 from tests.prune.models import TinyResNet
 
@@ -50,6 +51,9 @@ def test_prune_by_flops_end_to_end(tmp_path):
     scratch = _report(run_dir, "t0.60-scratch")
     assert scratch["recovery"]["mode"] == "scratch" and scratch["channels_kept"] == r["channels_kept"]
     assert scratch["params"] == r["params"] and scratch["test_acc_pruned"] == r["test_acc_pruned"]
+    # the table across runs: one row per pruned model, both recoveries
+    table = markdown(rows([run_dir]))
+    assert table.count("| l1 | uniform | flops |") == 2 and "| scratch |" in table and "| yes |" in table
 
 
 def test_prune_on_a_timed_device(tmp_path):
