@@ -35,7 +35,7 @@ from nas.apps.common import (
 from nas.apps.progress import progress_callbacks
 from nas.errors import UserError, check_choice
 from nas.export import evaluate
-from nas.io import usual_modes
+from nas.io import atomic_write
 from nas.latency.analytic import count_flops, count_params
 from nas.latency.cost import target_label
 from nas.prune.criteria import CRITERIA, channel_order, normalised, score_channels
@@ -130,7 +130,7 @@ def _check_options(cfg: DictConfig) -> dict[str, Any]:
             raise UserError(f"strategy.{key}={v!r}: a whole number of batches >= 1")
     if any(m != "none" for m in modes):
         check_epochs(r.epochs, "recovery.epochs")
-    if int(cfg.model.train_epochs) > 0:
+    if cfg.model.train_epochs not in (0, None):
         check_epochs(cfg.model.train_epochs, "model.train_epochs")
     if cfg.model.train_epochs and cfg.model.weights:
         raise UserError("model.train_epochs trains the model from scratch, and model.weights gives trained "
@@ -176,7 +176,7 @@ def run_prune(cfg: DictConfig) -> float:
     # ---- the model and the data
     module_cfg = OmegaConf.to_container(mcfg.module, resolve=True) if mcfg.get("module") else None
     pre = source_spec(name=mcfg.name, export=mcfg.export, module=module_cfg, num_classes=1, in_chans=1)
-    classes, resolution, in_chans = export_meta(pre)
+    _, resolution, in_chans = export_meta(pre)  # an export's classes: checked on the model's output
     if resolution is not None:
         OmegaConf.update(cfg, "space.resolution", resolution, force_add=True)
         OmegaConf.update(cfg, "space.in_chans", in_chans, force_add=True)
@@ -208,10 +208,12 @@ def run_prune(cfg: DictConfig) -> float:
     # ---- costs of the unpruned and the smallest model, the targets
     identity = {g.name: list(range(g.channels)) for g in groups}
     cost = str(s.cost) if hardware.timed else "latency"
+    mkw = {"rel_ci": s.measure.rel_ci, "max_repeats": s.measure.max_repeats} if s.measure.rel_ci else {}
     search_c = Candidates(model, example, groups, identity, hardware=hardware, cost=cost, round_to=round_to,
-                          ignore=ignore)
+                          ignore=ignore, measure_kw=mkw)
     device_c = search_c if cost == "latency" else Candidates(model, example, groups, identity, hardware=hardware,
-                                                             cost="latency", round_to=round_to, ignore=ignore)
+                                                             cost="latency", round_to=round_to, ignore=ignore,
+                                                             measure_kw=mkw)
     full_plan, small_plan = search_c.full(), search_c.smallest()
     print(f"model {spec.get('name') or spec['kind']}: {len(groups)} channel groups, "
           f"{count_params(model) / 1e6:.3f} M params; measuring it on {hardware.name}")
@@ -230,14 +232,12 @@ def run_prune(cfg: DictConfig) -> float:
     test_loader = datamodule.test_dataloader()
 
     # ---- (no weights of one's own) train the unpruned model first
-    if int(mcfg.train_epochs) > 0:
+    if mcfg.train_epochs:
         print(f"training the unpruned model for {mcfg.train_epochs} epochs")
         model, _ = _fit(model, datamodule, cfg, epochs=int(mcfg.train_epochs), lr=float(cfg.recovery.train_lr),
                         teacher=None, root=run_dir / "original")
-        (run_dir / "original").mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(run_dir / "original" / "model.safetensors"))
-        usual_modes(run_dir / "original")
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        atomic_write(run_dir / "original" / "model.safetensors", lambda tmp: save_file(state, tmp))
         print(f"trained weights: {run_dir / 'original' / 'model.safetensors'} (prune them again with "
               f"model.weights=<that file>)")
     acc_before = evaluate(model, test_loader)

@@ -48,10 +48,13 @@ class Candidates:
     def __init__(self, model: nn.Module, example: torch.Tensor, groups: Sequence[Group],
                  order: Mapping[str, Sequence[int]], *, hardware, cost: str = "latency", round_to: int = 8,
                  ignore: Sequence[str] = (), calib: Sequence = (), evalb: Sequence = (),
-                 log: Callable[[str], Any] = print):
+                 measure_kw: Mapping[str, Any] | None = None, log: Callable[[str], Any] = print):
         self.model, self.example, self.groups, self.order = model, example, list(groups), order
         self.hardware, self.cost, self.round_to, self.ignore = hardware, cost, int(round_to), list(ignore)
         self.calib, self.evalb, self.log = list(calib), list(evalb), log
+        #: passed to ``measure_modules`` (``rel_ci``, ``max_repeats``: the adaptive measurement, which also
+        #: leaves out calls another process preempted)
+        self.measure_kw = dict(measure_kw or {})
         self.input_shape = tuple(example.shape[1:])
         self.reference_ms: float | None = None
         self.costs: dict[tuple, float] = {}
@@ -89,7 +92,7 @@ class Candidates:
             if self.cost == "flops":
                 res = {n: count_flops(m, s) / 1e6 for n, (m, s) in nets.items()}
             else:
-                res = self.hardware.measure_modules(nets, reference_ms=self.reference_ms)
+                res = self.hardware.measure_modules(nets, reference_ms=self.reference_ms, **self.measure_kw)
                 if self.reference_ms is None and "__reference__" in res:
                     self.reference_ms = res["__reference__"]
             self.measured_nets += len(nets)
