@@ -41,6 +41,7 @@ from nas.latency.cost import target_label
 from nas.prune.criteria import CRITERIA, channel_order, normalised, score_channels
 from nas.prune.export import kept_indices, write_pruned
 from nas.prune.graph import check_prunable, find_groups
+from nas.prune.lut import search_evolution
 from nas.prune.search import (
     COSTS,
     SEARCHES,
@@ -124,10 +125,11 @@ def _check_options(cfg: DictConfig) -> dict[str, Any]:
     if not 0 < float(s.greedy_step) < 1:
         raise UserError(f"strategy.greedy_step={s.greedy_step!r}: the fraction of a group's channels one greedy "
                         f"step removes, between 0 and 1 (e.g. 0.125)")
-    for key in ("score_batches", "calib_batches", "eval_batches"):
-        v = s.get(key)
+    for key in ("score_batches", "calib_batches", "eval_batches", "evolution.queries", "evolution.levels",
+                "evolution.validate_nets"):
+        v = OmegaConf.select(s, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"strategy.{key}={v!r}: a whole number of batches >= 1")
+            raise UserError(f"strategy.{key}={v!r}: a whole number >= 1")
     if any(m != "none" for m in modes):
         check_epochs(r.epochs, "recovery.epochs")
     if cfg.model.train_epochs not in (0, None):
@@ -261,8 +263,12 @@ def run_prune(cfg: DictConfig) -> float:
         found = search_uniform(search_c, targets, log=log)
     elif s.search == "global":
         found = search_global(search_c, targets, normalised(scores, groups, bool(s.memory_normalise)), log=log)
-    else:
+    elif s.search == "greedy":
         found = search_greedy(search_c, targets, step=float(s.greedy_step), log=log)
+    else:
+        ev = s.evolution
+        found = search_evolution(search_c, targets, queries=int(ev.queries), n_levels=int(ev.levels),
+                                 validate_nets=int(ev.validate_nets), seed=seed, log=log)
     search_seconds = time.perf_counter() - ts
 
     # ---- measure the chosen plans again, together (the exports' measured cost)

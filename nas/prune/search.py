@@ -19,7 +19,9 @@ Searches (each returns one plan per target, largest target first):
   is a candidate; all are measured in one pass together with the current plan (savings are differences
   within one pass), and their accuracy taken on a few held-out batches after BatchNorm recalibration;
   the one losing the least accuracy per unit of cost saved is kept. One trajectory
-  serves every target: the plan is recorded as it first gets under each.
+  serves every target: the plan is recorded as it first gets under each;
+* ``evolution``: regularised evolution over per-group channel counts under a validated per-group
+  latency table (:mod:`nas.prune.lut`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from nas.latency.analytic import count_flops
 from nas.prune.graph import Group, min_keep, prune, round_keep
 from supernets.bn import calibrate_bn
 
-SEARCHES = ("uniform", "global", "greedy")
+SEARCHES = ("uniform", "global", "greedy", "evolution")
 COSTS = ("latency", "flops")
 
 

@@ -1,0 +1,65 @@
+"""The searches on a tiny net with exact FLOPs as the cost (no timing in unit tests)."""
+from __future__ import annotations
+
+import torch
+
+from nas.latency.analytic import AnalyticDevice
+from nas.prune.graph import find_groups
+from nas.prune.lut import GroupLatencyTable, levels, search_evolution
+from nas.prune.search import Candidates, search_greedy, search_uniform
+from tests.helpers import TinyData
+from tests.prune.models import TinyResNet
+
+
+def _cands():
+    torch.manual_seed(0)
+    net = TinyResNet(width=32).eval()
+    x = torch.zeros(1, 3, 16, 16)
+    groups = find_groups(net, x)
+    data = TinyData(n=32)
+    return Candidates(net, x, groups, {g.name: list(range(g.channels)) for g in groups},
+                      hardware=AnalyticDevice("flops"), calib=list(data.train_dataloader())[:1],
+                      evalb=list(data.val_dataloader())[:1], log=lambda _: None)
+
+
+def test_levels_are_multiples_with_both_ends():
+    assert levels(64, 8, 8, 4) == [8, 24, 48, 64]
+    assert levels(8, 8, 8, 4) == [8]
+    assert all(k % 8 == 0 for k in levels(128, 8, 8, 6))
+
+
+def test_uniform_and_greedy_meet_their_targets_and_greedy_records_each_target_once():
+    c = _cands()
+    full, _ = c.measure([c.full(), c.smallest()])
+    targets = {"t0.80": 0.8 * full, "t0.50": 0.5 * full}
+    for found in (search_uniform(c, targets, log=lambda _: None),
+                  search_greedy(c, targets, step=0.25, log=lambda _: None)):
+        for label, t in targets.items():
+            (cost,) = c.measure([found[label]["plan"]])
+            assert cost == found[label]["cost"] <= t
+    g = search_greedy(c, targets, step=0.25, log=lambda _: None)
+    assert g["t0.80"]["steps"] <= g["t0.50"]["steps"]  # one trajectory: the larger target is reached first
+    assert g["t0.80"]["trace"] == g["t0.50"]["trace"][: g["t0.80"]["steps"] + 1]
+
+
+def test_the_group_table_is_exact_on_one_group_plans_and_validated_on_random_ones():
+    c = _cands()
+    table = GroupLatencyTable(c, n_levels=3)
+    for g, ks in table.levels.items():
+        for k in ks:
+            plan = {**c.full(), g: k}
+            assert table.predict(plan) == c.measure([plan])[0]
+    v = table.validate(6)
+    assert v["nets"] == 6 and len(v["pairs"]) == 6
+    # FLOPs of a conv between two thinned groups is a product: the additive table is close, not exact
+    assert v["spearman"] > 0.8
+
+
+def test_evolution_returns_a_measured_plan_per_target():
+    c = _cands()
+    (full,) = c.measure([c.full()])
+    found = search_evolution(c, {"t0.70": 0.7 * full}, queries=8, n_levels=3, validate_nets=4,
+                             log=lambda _: None)
+    r = found["t0.70"]
+    assert r["cost"] == c.measure([r["plan"]])[0] and 0 <= r["held_out_acc"] <= 1
+    assert r["predicted"] <= 0.7 * full  # within the budget as the table sees it
