@@ -42,6 +42,7 @@ from nas.prune.criteria import CRITERIA, channel_order, normalised, score_channe
 from nas.prune.export import kept_indices, write_pruned
 from nas.prune.graph import check_prunable, find_groups
 from nas.prune.lut import search_evolution
+from nas.prune.sparsity import SparsityModule, zero_fraction
 from nas.prune.search import (
     COSTS,
     SEARCHES,
@@ -134,6 +135,12 @@ def _check_options(cfg: DictConfig) -> dict[str, Any]:
         check_epochs(r.epochs, "recovery.epochs")
     if cfg.model.train_epochs not in (0, None):
         check_epochs(cfg.model.train_epochs, "model.train_epochs")
+    sp = cfg.sparsity
+    if sp.epochs not in (0, None):
+        check_epochs(sp.epochs, "sparsity.epochs")
+        if not float(sp.l1) > 0:
+            raise UserError(f"sparsity.l1={sp.l1!r}: the L1 strength on the BatchNorm scales is a positive number, "
+                            f"e.g. 1e-4")
     if cfg.model.train_epochs and cfg.model.weights:
         raise UserError("model.train_epochs trains the model from scratch, and model.weights gives trained "
                         "weights: give one of them")
@@ -141,13 +148,13 @@ def _check_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _fit(net: nn.Module, datamodule, cfg: DictConfig, *, epochs: int, lr: float, teacher: nn.Module | None,
-         root: Path) -> tuple[nn.Module, float | None]:
-    """Train ``net`` with Lightning (SGD, cosine, optional KD); returns it in eval mode and the last
-    validation accuracy (arch split)."""
+         root: Path, l1: float | None = None) -> tuple[nn.Module, float | None]:
+    """Train ``net`` with Lightning (SGD, cosine, optional KD; with ``l1`` the proximal L1 step on the
+    BatchNorm scales); returns it in eval mode and the last validation accuracy (arch split)."""
     r = cfg.recovery
-    module = RetrainModule(net, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                           label_smoothing=r.label_smoothing, teacher=teacher, kd_alpha=r.kd_alpha,
-                           kd_temperature=r.kd_temperature)
+    kw = dict(lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, label_smoothing=r.label_smoothing,
+              teacher=teacher, kd_alpha=r.kd_alpha, kd_temperature=r.kd_temperature)
+    module = SparsityModule(net, l1=l1, **kw) if l1 else RetrainModule(net, **kw)
     kw = trainer_kwargs(cfg)
     kw["max_epochs"] = int(epochs)
     trainer = pl.Trainer(**kw, logger=make_logger(cfg.get("logger")), callbacks=progress_callbacks(cfg.progress),
@@ -242,6 +249,16 @@ def run_prune(cfg: DictConfig) -> float:
         atomic_write(run_dir / "original" / "model.safetensors", lambda tmp: save_file(state, tmp))
         print(f"trained weights: {run_dir / 'original' / 'model.safetensors'} (prune them again with "
               f"model.weights=<that file>)")
+    sparsity = None
+    if cfg.sparsity.epochs:
+        print(f"sparsity training: {cfg.sparsity.epochs} epochs, L1 {cfg.sparsity.l1:g} on the BatchNorm scales "
+              f"(proximal step)")
+        before = evaluate(model, test_loader)
+        model, _ = _fit(model, datamodule, cfg, epochs=int(cfg.sparsity.epochs), lr=float(cfg.sparsity.lr),
+                        teacher=None, root=run_dir / "sparsity", l1=float(cfg.sparsity.l1))
+        sparsity = {"epochs": int(cfg.sparsity.epochs), "l1": float(cfg.sparsity.l1), "test_acc_before": before,
+                    "bn_scales_zero": zero_fraction(model)}
+        print(f"sparsity training: {100 * sparsity['bn_scales_zero']:.1f}% of the BatchNorm scales are zero")
     acc_before = evaluate(model, test_loader)
     recal = copy.deepcopy(model)
     calibrate_bn(recal, calib)  # as every pruned model is before its accuracy is taken
@@ -326,6 +343,7 @@ def run_prune(cfg: DictConfig) -> float:
                 "channels_unpruned": channels,
                 "kept_indices": kept_indices(history, channels),
                 "search_detail": {k: v for k, v in found[label].items() if k not in ("plan",)},
+                "sparsity": sparsity,
                 "data": datamodule.describe(),
             }
             folder = write_pruned(Path(cfg.export.dir) / name, net=net, spec=spec, input_shape=input_shape,

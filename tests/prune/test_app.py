@@ -103,6 +103,8 @@ def test_options_are_checked(capsys):
     assert "strategy.criterion='l3' is unknown" in _one_line(capsys, _cfg(MODULE, "hardware=flops", *TINY,
                                                                           "strategy.criterion=l3"))
     assert "exactly one of model.name" in _one_line(capsys, _cfg("hardware=flops", *TINY))
+    assert "sparsity.l1=0" in _one_line(capsys, _cfg(MODULE, "hardware=flops", *TINY, "sparsity.epochs=1",
+                                                     "sparsity.l1=0"))
     assert "strategy.cost=flops searches FLOPs" in _one_line(
         capsys, _cfg(MODULE, "hardware=onnxruntime", "hardware.repeats=3", "hardware.warmup=1", *TINY,
                      "strategy.cost=flops", "strategy.targets=[0.01ms]"))

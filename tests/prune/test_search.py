@@ -1,12 +1,15 @@
-"""The searches on a tiny net with exact FLOPs as the cost (no timing in unit tests)."""
+"""The searches on a tiny net with exact FLOPs as the cost (no timing in unit tests), and sparsity training."""
 from __future__ import annotations
 
+import pytorch_lightning as pl
 import torch
 
 from nas.latency.analytic import AnalyticDevice
+from nas.prune.criteria import channel_order, score_channels
 from nas.prune.graph import find_groups
 from nas.prune.lut import GroupLatencyTable, levels, search_evolution
 from nas.prune.search import Candidates, search_greedy, search_uniform
+from nas.prune.sparsity import SparsityModule, zero_fraction
 from tests.helpers import TinyData
 from tests.prune.models import TinyResNet
 
@@ -63,3 +66,19 @@ def test_evolution_returns_a_measured_plan_per_target():
     r = found["t0.70"]
     assert r["cost"] == c.measure([r["plan"]])[0] and 0 <= r["held_out_acc"] <= 1
     assert r["predicted"] <= 0.7 * full  # within the budget as the table sees it
+
+
+def test_sparsity_training_zeroes_batchnorm_scales_and_bn_scale_prunes_them_first():
+    net = TinyResNet().train()
+    data = TinyData(n=64)
+    module = SparsityModule(net, l1=30.0, lr=0.01)
+    pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+               enable_model_summary=False).fit(module, data.train_dataloader())
+    assert zero_fraction(net) > 0.3  # exact zeros: the proximal step, not a penalty hovering near zero
+    net.eval()
+    x = torch.zeros(1, 3, 16, 16)
+    groups = find_groups(net, x)
+    order = channel_order(score_channels(net, x, groups, "bn_scale"))
+    stem_bn = net.stem[1].weight
+    zeros = int((stem_bn == 0).sum())
+    assert zeros > 0 and all(stem_bn[i] == 0 for i in order["stem.0"][:zeros])
