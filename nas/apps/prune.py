@@ -274,7 +274,7 @@ def run_prune(cfg: DictConfig) -> float:
                             ignore=ignore, seed=seed)
     order = channel_order(scores)
     for c in {id(search_c): search_c, id(device_c): device_c}.values():
-        c.model, c.order, c.calib, c.evalb = model, order, calib, evalb
+        c.set_model(model, order, calib, evalb)
     log = print
     if s.search == "uniform":
         found = search_uniform(search_c, targets, log=log)

@@ -62,6 +62,15 @@ class Candidates:
         self.costs: dict[tuple, float] = {}
         self.accs: dict[tuple, float] = {}
         self.measured_nets = 0
+        self._nets: dict[tuple, nn.Module] = {}
+
+    def set_model(self, model: nn.Module, order: Mapping[str, Sequence[int]], calib: Sequence = (),
+                  evalb: Sequence = ()) -> None:
+        """Another model of the same structure (trained since) and the criterion's channel order: the
+        measured costs stay (they depend on the channel counts only), pruned nets and accuracies go."""
+        self.model, self.order, self.calib, self.evalb = model, order, list(calib), list(evalb)
+        self._nets.clear()
+        self.accs.clear()
 
     @property
     def unit(self) -> str:
@@ -79,7 +88,19 @@ class Candidates:
         return {g.name: round_keep(g.channels, g.channels * (1 - ratio), self.round_to) for g in self.groups}
 
     def net(self, plan: Mapping[str, int]) -> tuple[nn.Module, list]:
+        """A freshly pruned copy of the model for ``plan`` and its pruning history."""
         return prune(self.model, self.example, {k: v for k, v in plan.items()}, self.order, self.ignore)
+
+    #: Pruned nets kept for reuse between a plan's measurement and its accuracy (a greedy step's candidates).
+    KEEP_NETS = 64
+
+    def _cached_net(self, plan: Mapping[str, int]) -> nn.Module:
+        k = plan_key(plan)
+        if k not in self._nets:
+            if len(self._nets) >= self.KEEP_NETS:
+                self._nets.pop(next(iter(self._nets)))
+            self._nets[k] = self.net(plan)[0]
+        return self._nets[k]
 
     # ------------------------------------------------------------------ costs
     def measure(self, plans: Sequence[Mapping[str, int]]) -> list[float]:
@@ -90,7 +111,7 @@ class Candidates:
             if k not in self.costs and k not in todo:
                 todo[k] = p
         if todo:
-            nets = {f"net{i}": (self.net(p)[0], self.input_shape) for i, p in enumerate(todo.values())}
+            nets = {f"net{i}": (self._cached_net(p), self.input_shape) for i, p in enumerate(todo.values())}
             if self.cost == "flops":
                 res = {n: count_flops(m, s) / 1e6 for n, (m, s) in nets.items()}
             else:
@@ -117,8 +138,7 @@ class Candidates:
         """Accuracy on the held-out batches after BatchNorm recalibration on the calibration batches."""
         k = plan_key(plan)
         if k not in self.accs:
-            net, _ = self.net(plan)
-            self.accs[k] = held_out_accuracy(net, self.calib, self.evalb)
+            self.accs[k] = held_out_accuracy(self._cached_net(plan), self.calib, self.evalb)
         return self.accs[k]
 
 

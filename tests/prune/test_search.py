@@ -6,9 +6,9 @@ import torch
 
 from nas.latency.analytic import AnalyticDevice
 from nas.prune.criteria import channel_order, score_channels
-from nas.prune.graph import find_groups
+from nas.prune.graph import find_groups, prune
 from nas.prune.lut import GroupLatencyTable, levels, search_evolution
-from nas.prune.search import Candidates, search_greedy, search_uniform
+from nas.prune.search import Candidates, held_out_accuracy, search_greedy, search_uniform
 from nas.prune.sparsity import SparsityModule, zero_fraction
 from tests.helpers import TinyData
 from tests.prune.models import TinyResNet
@@ -82,3 +82,17 @@ def test_sparsity_training_zeroes_batchnorm_scales_and_bn_scale_prunes_them_firs
     stem_bn = net.stem[1].weight
     zeros = int((stem_bn == 0).sum())
     assert zeros > 0 and all(stem_bn[i] == 0 for i in order["stem.0"][:zeros])
+
+
+def test_a_new_model_keeps_the_costs_and_drops_the_cached_nets():
+    c = _cands()
+    plan = c.uniform(0.5)
+    (cost,) = c.measure([plan])
+    before = c.accuracy(plan)
+    torch.manual_seed(5)
+    other = TinyResNet(width=32).eval()  # same structure, other weights: as after training the original
+    c.set_model(other, c.order, c.calib, c.evalb)
+    assert c.costs and c.measure([plan]) == [cost]  # still cached: a cost depends on channel counts only
+    pruned, _ = prune(other, c.example, plan, c.order)
+    assert c.accuracy(plan) == held_out_accuracy(pruned, c.calib, c.evalb)
+    assert isinstance(before, float)
