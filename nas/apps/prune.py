@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from nas.apps.common import (
     check_epochs,
@@ -35,7 +37,7 @@ from nas.apps.common import (
 from nas.apps.progress import progress_callbacks
 from nas.errors import UserError, check_choice
 from nas.export import evaluate
-from nas.io import atomic_write
+from nas.io import atomic_write, json_default, write_json
 from nas.latency.analytic import count_flops, count_params
 from nas.latency.cost import target_label
 from nas.prune.criteria import CRITERIA, channel_order, normalised, score_channels
@@ -110,6 +112,8 @@ def resolve_targets(targets: Any, full: float, smallest: float, unit: str, *, fr
 def _check_options(cfg: DictConfig) -> dict[str, Any]:
     s, r = cfg.strategy, cfg.recovery
     check_progress(cfg.get("progress", "auto"))
+    check_choice("resume", cfg.get("resume"), ("auto", "never"),
+                 "auto: a restarted run continues from what its folder holds")
     check_choice("strategy.criterion", s.criterion, CRITERIA)
     check_choice("strategy.search", s.search, SEARCHES)
     check_choice("strategy.cost", s.cost, COSTS, "latency: measured on hardware=; flops: pruned by FLOPs")
@@ -157,11 +161,38 @@ def _fit(net: nn.Module, datamodule, cfg: DictConfig, *, epochs: int, lr: float,
     module = SparsityModule(net, l1=l1, **kw) if l1 else RetrainModule(net, **kw)
     kw = trainer_kwargs(cfg)
     kw["max_epochs"] = int(epochs)
-    trainer = pl.Trainer(**kw, logger=make_logger(cfg.get("logger")), callbacks=progress_callbacks(cfg.progress),
-                         default_root_dir=str(root), enable_checkpointing=False)
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), val_dataloaders=datamodule.val_dataloader())
+    ckpt_dir = root / "checkpoints"
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_epochs=1)
+    last = ckpt_dir / "last.ckpt"
+    resume_from = str(last) if cfg.resume == "auto" and last.is_file() else None
+    if resume_from:
+        print(f"resuming from {last}")
+    trainer = pl.Trainer(**kw, logger=make_logger(cfg.get("logger")),
+                         callbacks=[ckpt, *progress_callbacks(cfg.progress)], default_root_dir=str(root))
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), val_dataloaders=datamodule.val_dataloader(),
+                ckpt_path=resume_from)
     val = trainer.callback_metrics.get("val/acc")
     return module.net.cpu().eval(), (float(val) if val is not None else None)
+
+
+def _save_weights(net: nn.Module, path: Path) -> None:
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def _trained(cfg: DictConfig, net: nn.Module, folder: Path, what: str, train) -> nn.Module:
+    """``folder/model.safetensors`` loaded into ``net`` when a run resumes and it exists (``what`` was
+    done before the restart); else ``train(net)`` (itself resumable from ``folder/checkpoints``), its
+    weights saved there and its checkpoints removed."""
+    done = folder / "model.safetensors"
+    if cfg.resume == "auto" and done.is_file():
+        print(f"resuming: {what} from {done}")
+        net.load_state_dict(load_file(str(done)))
+        return net.eval()
+    net = train(net)
+    _save_weights(net, done)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    return net
 
 
 def _reinit(net: nn.Module) -> nn.Module:
@@ -170,6 +201,39 @@ def _reinit(net: nn.Module) -> nn.Module:
         if m is not net and hasattr(m, "reset_parameters"):
             m.reset_parameters()
     return net
+
+
+def _search(s: DictConfig, cands: Candidates, targets: dict[str, float], scores, groups, seed: int, log
+            ) -> dict[str, dict[str, Any]]:
+    if s.search == "uniform":
+        return search_uniform(cands, targets, log=log)
+    if s.search == "global":
+        return search_global(cands, targets, normalised(scores, groups, bool(s.memory_normalise)), log=log)
+    if s.search == "greedy":
+        return search_greedy(cands, targets, step=float(s.greedy_step), log=log)
+    ev = s.evolution
+    return search_evolution(cands, targets, queries=int(ev.queries), n_levels=int(ev.levels),
+                            validate_nets=int(ev.validate_nets), seed=seed, log=log)
+
+
+def _finished(cfg: DictConfig, folder: Path, plan: dict[str, int], mode: str) -> dict[str, Any] | None:
+    """The report of an export a resumed run already wrote for this plan and recovery (None otherwise)."""
+    if cfg.resume != "auto":
+        return None
+    report = _load_search(folder / "report.json", key="channels_kept")
+    if report is None or report["channels_kept"] != plan or (report.get("recovery") or {}).get("mode") != mode:
+        return None
+    return report
+
+
+def _load_search(path: Path, key: str = "found") -> dict[str, Any] | None:
+    """A JSON file written by an earlier run (a search's plans, ``search.json``; an export's report) when it
+    holds ``key``; None when there is none (or it is unreadable)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and key in d else None
 
 
 def run_prune(cfg: DictConfig) -> float:
@@ -243,10 +307,9 @@ def run_prune(cfg: DictConfig) -> float:
     # ---- (no weights of one's own) train the unpruned model first
     if mcfg.train_epochs:
         print(f"training the unpruned model for {mcfg.train_epochs} epochs")
-        model, _ = _fit(model, datamodule, cfg, epochs=int(mcfg.train_epochs), lr=float(cfg.recovery.train_lr),
-                        teacher=None, root=run_dir / "original")
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        atomic_write(run_dir / "original" / "model.safetensors", lambda tmp: save_file(state, tmp))
+        model = _trained(cfg, model, run_dir / "original", "the trained original", lambda net: _fit(
+            net, datamodule, cfg, epochs=int(mcfg.train_epochs), lr=float(cfg.recovery.train_lr), teacher=None,
+            root=run_dir / "original")[0])
         print(f"trained weights: {run_dir / 'original' / 'model.safetensors'} (prune them again with "
               f"model.weights=<that file>)")
     sparsity = None
@@ -254,8 +317,9 @@ def run_prune(cfg: DictConfig) -> float:
         print(f"sparsity training: {cfg.sparsity.epochs} epochs, L1 {cfg.sparsity.l1:g} on the BatchNorm scales "
               f"(proximal step)")
         before = evaluate(model, test_loader)
-        model, _ = _fit(model, datamodule, cfg, epochs=int(cfg.sparsity.epochs), lr=float(cfg.sparsity.lr),
-                        teacher=None, root=run_dir / "sparsity", l1=float(cfg.sparsity.l1))
+        model = _trained(cfg, model, run_dir / "sparsity", "the sparsity-trained model", lambda net: _fit(
+            net, datamodule, cfg, epochs=int(cfg.sparsity.epochs), lr=float(cfg.sparsity.lr), teacher=None,
+            root=run_dir / "sparsity", l1=float(cfg.sparsity.l1))[0])
         sparsity = {"epochs": int(cfg.sparsity.epochs), "l1": float(cfg.sparsity.l1), "test_acc_before": before,
                     "bn_scales_zero": zero_fraction(model)}
         print(f"sparsity training: {100 * sparsity['bn_scales_zero']:.1f}% of the BatchNorm scales are zero")
@@ -268,6 +332,11 @@ def run_prune(cfg: DictConfig) -> float:
           f"{len(calib)} batches, as the pruned models are)")
 
     # ---- importance, then the search
+    search_file = run_dir / "search.json"
+    identity_key = json.loads(json.dumps({
+        "model": spec, "weights": str(mcfg.weights), "train_epochs": mcfg.train_epochs,
+        "sparsity": OmegaConf.to_container(cfg.sparsity, resolve=True), "ignore": ignore,
+        "strategy": OmegaConf.to_container(s, resolve=True), "seed": seed}, default=json_default))
     ts = time.perf_counter()
     scores = score_channels(model, example, groups, str(s.criterion),
                             batches=itertools.islice(datamodule.train_dataloader(), int(s.score_batches)),
@@ -275,18 +344,14 @@ def run_prune(cfg: DictConfig) -> float:
     order = channel_order(scores)
     for c in {id(search_c): search_c, id(device_c): device_c}.values():
         c.set_model(model, order, calib, evalb)
-    log = print
-    if s.search == "uniform":
-        found = search_uniform(search_c, targets, log=log)
-    elif s.search == "global":
-        found = search_global(search_c, targets, normalised(scores, groups, bool(s.memory_normalise)), log=log)
-    elif s.search == "greedy":
-        found = search_greedy(search_c, targets, step=float(s.greedy_step), log=log)
+    saved = _load_search(search_file) if cfg.resume == "auto" else None
+    if saved is not None and saved.get("key") == identity_key:
+        print(f"resuming: the search's plans from {search_file}")
+        found, search_seconds = saved["found"], float(saved["seconds"])
     else:
-        ev = s.evolution
-        found = search_evolution(search_c, targets, queries=int(ev.queries), n_levels=int(ev.levels),
-                                 validate_nets=int(ev.validate_nets), seed=seed, log=log)
-    search_seconds = time.perf_counter() - ts
+        found = _search(s, search_c, targets, scores, groups, seed, print)
+        search_seconds = time.perf_counter() - ts
+        write_json(search_file, {"key": identity_key, "found": found, "seconds": search_seconds})
 
     # ---- measure the chosen plans again, together (the exports' measured cost)
     plans = [found[label]["plan"] for label in targets]
@@ -301,6 +366,12 @@ def run_prune(cfg: DictConfig) -> float:
         calibrate_bn(pruned, calib)  # the removed channels changed the statistics of the layers after them
         acc_pruned = evaluate(pruned, test_loader)
         for j, mode in enumerate(modes):
+            name = label if j == 0 else f"{label}-{mode}"
+            previous = _finished(cfg, Path(cfg.export.dir) / name, plan, mode)
+            if previous is not None:
+                print(f"resuming: {name} was exported before the restart ({Path(cfg.export.dir) / name})")
+                reports.append(previous)
+                continue
             net = copy.deepcopy(pruned)
             val_acc = None
             tr = time.perf_counter()
@@ -316,7 +387,6 @@ def run_prune(cfg: DictConfig) -> float:
                                     root=run_dir / "recovery" / f"{label}-{mode}")
             recovery_seconds = time.perf_counter() - tr
             acc_after = evaluate(net, test_loader)
-            name = label if j == 0 else f"{label}-{mode}"
             report = {
                 "label": name,
                 "strategy": f"prune/{s.search}/{s.criterion}/{mode}",
@@ -350,6 +420,7 @@ def run_prune(cfg: DictConfig) -> float:
                                   ignore=ignore, plan=plan, channels=channels, history=history,
                                   report=report, onnx=bool(cfg.export.onnx))
             reports.append(report)
+            shutil.rmtree(run_dir / "recovery" / f"{label}-{mode}" / "checkpoints", ignore_errors=True)
             meas = "-" if m is None else f"{m:.4g}"
             print(f"{name}: {meas} {device_c.unit} measured (target {dev_targets[label]:.4g}), "
                   f"{report['params'] / 1e6:.3f} M params, test acc {100 * acc_before:.2f}% -> pruned "

@@ -31,9 +31,9 @@ def test_prune_by_flops_end_to_end(tmp_path):
     """Train a tiny residual net on digits, prune it to 0.6 of its FLOPs, distil: the export is within its
     target, loads back to the reported accuracy, and the distillation recovers what pruning lost."""
     run_dir = tmp_path / "run"
-    run = run_app("nas.apps.prune", MODULE, "hardware=flops", *TINY, "model.train_epochs=3", "recovery.epochs=2",
-                  "strategy.targets=[0.6]", "strategy.criterion=l1", "recovery.mode=[distill,scratch]",
-                  f"hydra.run.dir={run_dir}")
+    args = (MODULE, "hardware=flops", *TINY, "model.train_epochs=3", "recovery.epochs=2", "strategy.targets=[0.6]",
+            "strategy.criterion=l1", "recovery.mode=[distill,scratch]", f"hydra.run.dir={run_dir}")
+    run = run_app("nas.apps.prune", *args)
     assert run.returncode == 0, run.describe()
     r = _report(run_dir, "t0.60")
     lat = r["latency_ms"]
@@ -54,6 +54,13 @@ def test_prune_by_flops_end_to_end(tmp_path):
     # the table across runs: one row per pruned model, both recoveries
     table = markdown(rows([run_dir]))
     assert table.count("| l1 | uniform | flops |") == 2 and "| scratch |" in table and "| yes |" in table
+    assert not list(run_dir.rglob("*.ckpt"))  # checkpoints go once their model is saved
+    # the same run again (a restarted job): nothing is trained or searched again
+    again = run_app("nas.apps.prune", *args)
+    assert again.returncode == 0, again.describe()
+    for what in ("the trained original", "the search's plans", "t0.60 was exported", "t0.60-scratch was exported"):
+        assert f"resuming: {what}" in again.stdout, again.stdout
+    assert "recovery (" not in again.stdout and _report(run_dir, "t0.60") == r
 
 
 def test_prune_on_a_timed_device(tmp_path):
