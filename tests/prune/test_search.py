@@ -1,6 +1,7 @@
 """The searches on a tiny net with exact FLOPs as the cost (no timing in unit tests), and sparsity training."""
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -68,6 +69,7 @@ def test_evolution_returns_a_measured_plan_per_target():
     assert r["predicted"] <= 0.7 * full  # within the budget as the table sees it
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # Lightning's own, as nas.apps.common
 def test_sparsity_training_zeroes_batchnorm_scales_and_bn_scale_prunes_them_first():
     net = TinyResNet().train()
     data = TinyData(n=64)
