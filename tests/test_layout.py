@@ -117,7 +117,8 @@ def test_strategies_and_library_code_do_not_import_apps_or_benchmarks():
 
 def test_the_packages_import_cleanly_in_a_fresh_interpreter():
     """``import nas, supernets`` and every app module, in a new process (no test state)."""
-    code = ("import nas, supernets, nas.apps.search, nas.apps.retrain, nas.apps.lut, nas.apps.bench, "
+    code = ("import nas, supernets, nas.apps.search, nas.apps.retrain, nas.apps.lut, nas.apps.bench, nas.apps.prune, "
+            "nas.prune, "
             "nas.latency, nas.strategies.proxyless, nas.strategies.ddpnas, nas.strategies.slimmable, nas.data")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

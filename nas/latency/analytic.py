@@ -1,7 +1,7 @@
 """Analytic cost models (``hardware=flops``, ``hardware=params``): exact counts instead of timing."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -108,3 +108,6 @@ class AnalyticDevice(Hardware):
 
     def measure_nets(self, space: SearchSpace, archs: Sequence[Arch], **_: Any) -> list[float]:
         return [self.count(*arch_net(space, a)) for a in archs]
+
+    def measure_modules(self, items: Mapping[str, tuple[nn.Module, tuple[int, ...]]], **_: Any) -> dict[str, float]:
+        return {name: self.count(module, tuple(shape)) for name, (module, shape) in items.items()}

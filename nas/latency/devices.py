@@ -70,7 +70,7 @@ from nas.errors import UserError
 from nas.io import export_onnx
 from nas.latency.build import check_trusted, load_or_build_table
 from nas.latency.hardware import REGISTRY, Hardware, register_hardware
-from nas.latency.measure import measure_timed
+from nas.latency.measure import measure_modules, measure_timed
 from nas.latency.table import LatencyTable
 from supernets.arch import Arch
 from supernets.space import SearchSpace
@@ -333,6 +333,10 @@ class Device(Hardware):
 
     def measure_nets(self, space: SearchSpace, archs: Sequence[Arch], **kw: Any) -> list[float]:
         return measure_timed(space, list(archs), self, **kw)
+
+    def measure_modules(self, items: Mapping[str, tuple[nn.Module, tuple[int, ...]]], *,
+                        reference_ms: float | None = None, **kw: Any) -> dict[str, float]:
+        return measure_modules(self, items, reference_ms=reference_ms, **kw)
 
     # ------------------------------------------------------------------ running
 

@@ -5,6 +5,7 @@ An app or a strategy holds a :class:`Hardware` and never asks which kind it is:
 * :meth:`cost_model` gives the additive cost model of a space on it (a measured latency table for
   a timed device, cached and built when missing; an exact count for ``flops`` / ``params``);
 * :meth:`measure_nets` measures (or counts) whole subnets end to end;
+* :meth:`measure_modules` measures (or counts) any whole ``nn.Module`` (a pruned net, a user's model);
 * :attr:`timed` says whether repeated measurements can differ (what a test-retest means).
 
 Every option of ``conf/hardware/`` names its class with ``_target_``; classes register a name with
@@ -16,7 +17,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from nas.latency.cost import CostModel
@@ -56,6 +57,14 @@ class Hardware(abc.ABC):
     def measure_nets(self, space: SearchSpace, archs: Sequence[Arch], *, reference_ms: float | None = None,
                      **kw: Any) -> list[float]:
         """End-to-end cost of each architecture's static net (see :func:`nas.latency.measure.measure_archs`)."""
+
+    @abc.abstractmethod
+    def measure_modules(self, items: Mapping[str, tuple[Any, tuple[int, ...]]], *,
+                        reference_ms: float | None = None, **kw: Any) -> dict[str, float]:
+        """End-to-end cost of each whole module ``{name: (module, input_shape)}`` in :attr:`unit`
+        (timed in groups in reference alternation, see :func:`nas.latency.measure.measure_modules`,
+        or counted where exact). Timed results also carry ``"__reference__"``: the reference's median
+        ms of the pass, to give later passes as ``reference_ms``."""
 
 
 #: ``{name: class}`` of every registered hardware (filled as the classes' modules are imported).

@@ -105,6 +105,30 @@ def measure_timed(space: SearchSpace, archs: list[Arch], device, *, reference_ms
 
 
 
+def measure_modules(device, items: Mapping[str, tuple[nn.Module, tuple[int, ...]]], *,
+                    reference_ms: float | None = None, progress: bool = False, desc: str = "measuring nets",
+                    rel_ci: float | None = None, max_repeats: int | None = None,
+                    warm_calls: int = DEFAULT_WARM_CALLS, group: int | None = NET_GROUP) -> dict[str, float]:
+    """End-to-end latency (ms) of each whole module on a timed ``device``, in groups of ``group`` in
+    reference alternation (as :func:`measure_timed` does for a space's subnets, for any ``nn.Module``:
+    a pruned net, a user's own model). With ``reference_ms`` the result is the measured ratio to the
+    reference times that value (the units of an earlier pass of the same run, immune to the machine's
+    speed drifting between passes); else the median ms of this pass."""
+    names = list(items)
+    size = len(names) if not group else max(1, int(group))
+    chunks = [names[i:i + size] for i in range(0, len(names), size)]
+    out: dict[str, float] = {}
+    for c, chunk in enumerate(chunks):
+        res = _measure(device, {n: items[n] for n in chunk}, progress=progress,
+                       desc=desc if len(chunks) == 1 else f"{desc} ({c + 1}/{len(chunks)})", rel_ci=rel_ci,
+                       max_repeats=max_repeats, warm_calls=warm_calls)
+        for n in chunk:
+            out[n] = (float(res[n]["ratio"]) * reference_ms if reference_ms is not None
+                      else float(res[n]["median_ms"]))
+        out.setdefault("__reference__", float(res["__reference__"]["median_ms"]))
+    return out
+
+
 def measure_archs(space: SearchSpace, archs: list[Arch], device, **kw: Any) -> list[float]:
     """End-to-end cost of each architecture on ``device`` (timed in groups, or counted where exact)."""
     return device.measure_nets(space, archs, **kw)
