@@ -26,9 +26,11 @@ from nas.apps.common import (
     instantiate,
     make_cost_model,
     make_device,
+    make_datamodule,
     make_logger,
     make_space,
     trainer_kwargs,
+    training_record,
 )
 from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
@@ -81,6 +83,7 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
         "val_acc": val_acc,
         "search_seconds": search_seconds,
         "search_cost": dict(module.search_cost),
+        "training": training_record(cfg),
         "distributed": dict(module.dist_check),
         "seed": int(cfg.seed),
     }
@@ -160,7 +163,7 @@ def run_search(cfg: DictConfig) -> float:
     pl.seed_everything(seed, workers=True, verbose=False)
     torch.set_num_threads(int(cfg.hardware.get("threads", torch.get_num_threads())))
     space = make_space(cfg.space)
-    datamodule = instantiate(cfg.data)
+    datamodule = make_datamodule(cfg)
     device = make_device(cfg.hardware)
     num_classes = datamodule.num_classes
     cost_model = make_cost_model(cfg, space, device, num_classes)
