@@ -13,9 +13,9 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-import nas.strategies.proxyless as proxyless
 from nas.export import WEIGHTS_FILE, load_subnet, write_export
 from nas.latency.analytic import build_flops_model
+from nas.strategies import proxyless
 from nas.strategies.proxyless import ProxylessSearch
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
