@@ -235,7 +235,8 @@ def step_environment(check: Check) -> dict[str, Any]:
         return res
     if not torch.cuda.is_available():
         raise CheckFailed(f"no CUDA device is visible (torch {torch.__version__}, built for CUDA "
-                          f"{torch.version.cuda}); run on a GPU node (srun --gres=gpu:1 ...) or use --dry-run")
+                          f"{torch.version.cuda}); run on a GPU node (srun --gres=gpu:1 ...), install a torch "
+                          f"built for the driver's CUDA (docs/gpu.md), or use --dry-run")
     props = torch.cuda.get_device_properties(0)
     res.update(device=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),
                memory_gb=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
