@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from nas.apps.common import (
     CONF_DIR,
     check_epochs,
+    check_precision,
     check_progress,
     console_main,
     make_datamodule,
@@ -142,6 +143,7 @@ def run_retrain(cfg: DictConfig) -> float:
                         "`nas-retrain arch=outputs/search/<date>/<time>/export`")
     epochs = check_epochs(cfg.epochs, "epochs")
     check_progress(cfg.get("progress", "auto"))
+    check_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
     export_dir = Path(str(cfg.arch)).expanduser()
     if not export_dir.exists():
         raise UserError(f"arch={export_dir} does not exist; pass the export folder of a search, e.g. "

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from nas.apps.common import (
     check_epochs,
+    check_precision,
     check_progress,
     console_main,
     instantiate,
@@ -155,6 +156,7 @@ def run_search(cfg: DictConfig) -> float:
     t_start = time.perf_counter()
     # ---- everything a user can get wrong is checked here, before any training
     check_progress(cfg.get("progress", "auto"))
+    check_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
     if "epochs" in cfg.strategy:
         check_epochs(cfg.strategy.epochs, "strategy.epochs")
     run_dir = Path(cfg.export.dir).parent

@@ -8,9 +8,19 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 from torch.utils.data import DataLoader, TensorDataset
 
-from nas.apps.common import CONF_DIR, check_precision, make_datamodule, trainer_kwargs
+from nas.apps import search as search_app
+from nas.apps.common import (
+    CONF_DIR,
+    check_precision,
+    make_datamodule,
+    trainer_kwargs,
+    user_errors,
+)
+from nas.apps.retrain import run_retrain
 from nas.errors import UserError
 from nas.export import load_subnet, write_export
 from nas.training import RetrainModule
@@ -75,3 +85,27 @@ def test_retrain_in_bf16_learns_and_exports_fp32_weights_that_load_back(tmp_path
     out = write_export(tmp_path / "model", space=space, arch=arch, model=net, report={}, onnx=False)
     with torch.no_grad():
         assert torch.allclose(load_subnet(out)(x[:8]), net(x[:8]), atol=1e-5)
+
+
+@pytest.mark.parametrize("app", ["search", "retrain"])
+def test_precision_is_checked_before_any_work(app, tmp_path, monkeypatch, capsys):
+    """``nas-search`` refuses ``16-mixed`` on a CPU before it builds a latency table or loads data,
+    ``nas-retrain`` before it reads the export."""
+    def no_work(*args, **kw):
+        raise AssertionError("work started before the precision was checked")
+
+    monkeypatch.setattr(search_app, "make_cost_model", no_work)
+    monkeypatch.setattr(search_app, "make_datamodule", no_work)
+    overrides = ["trainer.precision=16-mixed", "progress=none"]
+    if app == "retrain":
+        overrides.append(f"arch={tmp_path / 'not-read'}")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(app, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(SystemExit) as e:
+        user_errors(search_app.run_search if app == "search" else run_retrain)(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: trainer.precision=16-mixed needs a CUDA GPU") and err.count("\n") == 1, err
