@@ -10,7 +10,9 @@ On a machine with one NVIDIA GPU it runs, in order, and stops at the first failu
    export is measured on the GPU, loaded back and compared with its ONNX file.
 4. ``retrain``: ``nas-retrain`` of that export with ``bf16-mixed`` (``16-mixed`` on a GPU without
    bfloat16); the retrained model is loaded back and compared with its ONNX file.
-5. ``weight_step``: the supernet's one-gate weight step against the standalone net of the same path
+5. ``strategies``: DDPNAS, slimmable and evolution, a short training each in this process with the
+   search's precision (FLOPs as the cost); their exports derived and run.
+6. ``weight_step``: the supernet's one-gate weight step against the standalone net of the same path
    (and the full DARTS mixture), fp32 and autocast: peak memory by ``torch.cuda.max_memory_allocated``,
    time by CUDA events, in rounds of shuffled order (the ratios of ``nas-bench suite=memory``).
 
@@ -40,15 +42,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nas.apps.common import CONF_DIR
+from nas.apps.common import (
+    CONF_DIR,
+    instantiate,
+    make_cost_model,
+    make_datamodule,
+    make_device,
+    make_space,
+)
 from nas.bench import memory as bm
 from nas.export import ONNX_FILE, load_subnet, read_arch_file
 from nas.io import atomic_write_text, write_json
 from nas.latency.devices import CudaDevice
 from supernets.space import SearchSpace
+from supernets.supernet import Supernet
 
 #: the whole check, install included, should fit in this (the GPU time users get is short)
 BUDGET_SECONDS = 480.0
@@ -75,6 +87,7 @@ class Settings:
     retrain_precision: str
     accelerator: str
     hardware: str
+    strategy_data: list[str]
     step_batch: int
     step_warmup: int
     step_rounds: int
@@ -91,7 +104,7 @@ class Settings:
                 search=[*hw, *data, "strategy.epochs=2", "strategy.module.warmup_epochs=1", "export.calib_batches=2"],
                 retrain=[*data, "epochs=1"],
                 search_precision="bf16-mixed", retrain_precision="bf16-mixed", accelerator="cpu", hardware="cpu",
-                step_batch=8, step_warmup=1, step_rounds=1, timeout=600.0)
+                strategy_data=[*data, "data.n_train=96"], step_batch=8, step_warmup=1, step_rounds=1, timeout=600.0)
         hw = ["hardware=cuda"]
         data = ["data=texshapes", "data.n_train=5000", "data.n_test=1000", "data.batch_size=64", "data.num_workers=2"]
         return cls(
@@ -101,7 +114,7 @@ class Settings:
             search=[*hw, *data, "strategy.epochs=3", "strategy.module.warmup_epochs=1", "export.calib_batches=5"],
             retrain=[*data, "epochs=3"],
             search_precision="16-mixed", retrain_precision="bf16-mixed" if bf16 else "16-mixed", accelerator="gpu",
-            hardware="cuda", step_batch=64, step_warmup=5, step_rounds=20, timeout=400.0)
+            hardware="cuda", strategy_data=[*data, "data.n_train=1000", "data.n_test=200"], step_batch=64, step_warmup=5, step_rounds=20, timeout=400.0)
 
 
 @dataclass
@@ -320,6 +333,72 @@ def step_retrain(check: Check) -> dict[str, Any]:
     return res
 
 
+#: the other strategies, trained briefly in this process: (strategy, space, its options for a short run)
+STRATEGY_RUNS = (
+    ("ddpnas", SPACE, ["strategy.module.steps=1", "strategy.module.warmup_epochs=0", "strategy.epochs=2"]),
+    ("slimmable", "mbv2_tiny_slim", ["strategy.epochs=1", "strategy.targets=[0.6]", "export.calib_batches=2",
+                                     "strategy.module.eval_batches=2"]),
+    ("evolution", "mbv2_tiny_slim", ["strategy.epochs=1", "strategy.targets=[0.6]", "strategy.module.queries=4",
+                                     "strategy.module.calib_batches=2", "strategy.module.eval_batches=2"]),
+)
+
+
+def compose_search(overrides: list[str]):
+    """``nas-search``'s config with ``overrides``, as the app composes it (outside a Hydra run)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("search", overrides=overrides)
+
+
+def step_strategies(check: Check) -> dict[str, Any]:
+    """DDPNAS, slimmable and evolution: a short training each with the search's precision on the
+    check's accelerator (the analytic FLOPs model as the cost: this is about the training numerics),
+    then their exports derived, extracted and run."""
+    s = check.settings
+    quiet_lightning()
+    res: dict[str, Any] = {}
+    for name, space_name, extra in STRATEGY_RUNS:
+        cfg = compose_search([f"strategy={name}", f"space={space_name}", "hardware=flops", *s.strategy_data,
+                              f"trainer.accelerator={s.accelerator}", f"trainer.precision={s.search_precision}",
+                              "progress=none", *extra])
+        torch.manual_seed(0)
+        space = make_space(cfg.space)
+        datamodule = make_datamodule(cfg)
+        cost = make_cost_model(cfg, space, make_device(cfg.hardware), datamodule.num_classes)
+        targets = cost.resolve_targets(list(cfg.strategy.targets))
+        supernet = Supernet(space, datamodule.num_classes, weight_sharing=str(cfg.supernet.weight_sharing))
+        module = instantiate(cfg.strategy.module)(supernet=supernet, cost_model=cost, targets=targets)
+        trainer = pl.Trainer(max_epochs=int(cfg.strategy.epochs), accelerator=s.accelerator, devices=1,
+                             precision=s.search_precision, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
+                    val_dataloaders=datamodule.val_dataloader())
+        loss = finite(trainer.callback_metrics.get("train/loss"), f"{name}'s training loss")
+        module.supernet.cpu()
+        dtypes = sorted({str(p.dtype) for p in module.supernet.parameters()})
+        if dtypes != ["torch.float32"]:
+            raise CheckFailed(f"{name}: the supernet's parameters are {dtypes} after training, not float32")
+        archs = module.derive_all()
+        x = next(iter(datamodule.val_dataloader()))[0][:4]
+        exports = {}
+        for label, arch in archs.items():
+            with torch.no_grad():
+                out = module.supernet.extract(arch).eval()(x)
+            if not torch.isfinite(out).all():
+                raise CheckFailed(f"{name}: the export {label} gives non-finite outputs")
+            exports[label] = round(finite(cost.predict(arch), f"{name} {label}'s cost"), 3)  # MFLOPs
+        res[name] = {"space": space_name, "train_loss": loss, "exports_mflops": exports,
+                     "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan")))}
+    return res
+
+
+def quiet_lightning() -> None:
+    """Lightning's INFO lines (accelerators, AMP, tips) are not the check's output."""
+    import logging
+
+    for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
+
+
 #: the weight-step configurations measured (nas.bench.memory names)
 STEP_CONFIGS = ("one/weight/elastic", "full/weight/elastic", "standalone/sampled")
 
@@ -431,6 +510,9 @@ def steps() -> list[Step]:
              "pinned memory; the export timed on the cuda device"),
         Step("retrain", "nas-retrain of the export with mixed precision; model loaded, compared with its ONNX",
              step_retrain, "the retrain on the GPU with bf16-mixed (16-mixed without bfloat16 support)"),
+        Step("strategies", "DDPNAS, slimmable and evolution: a short training each with mixed precision, exports "
+                           "derived and run", step_strategies,
+             "DDPNAS, slimmable and evolution trained on the GPU with 16-mixed (fp16, loss scaling)"),
         Step("weight_step", "supernet one-gate / full-mixture weight step vs the standalone net of the same path, "
                             "fp32 and autocast", step_weight,
              f"peak memory (torch.cuda.max_memory_allocated) and median time (CUDA events, shuffled rounds) of "
@@ -471,6 +553,9 @@ def _numbers(name: str, res: dict[str, Any]) -> str:
     if name == "retrain":
         return (f"{res['training']['precision']}: loss {res['train_loss'][0]:.3f} -> {res['train_loss'][-1]:.3f}, "
                 f"test acc {100 * res['test_acc']:.1f}%")
+    if name == "strategies":
+        return "; ".join(f"{n}: loss {r['train_loss']:.3f}, exports " + ", ".join(
+            f"{k} {v} MFLOPs" for k, v in r["exports_mflops"].items()) for n, r in res.items())
     if name == "weight_step":
         parts = []
         for p in ("fp32", "amp"):

@@ -87,7 +87,8 @@ def test_dry_run_lists_every_cuda_measurement(tmp_path):
     said = "\n".join(lines)
     for needle in ("torch.cuda.max_memory_allocated", "CUDA events", "16-mixed", "batch 32", "bfloat16"):
         assert needle in said
-    assert [s.name for s in gc.steps()] == ["environment", "lut_b1", "lut_b32", "search", "retrain", "weight_step"]
+    assert [s.name for s in gc.steps()] == ["environment", "lut_b1", "lut_b32", "search", "retrain", "strategies",
+                                           "weight_step"]
 
 
 def test_weight_step_runs_every_configuration_on_the_cpu(tmp_path):
@@ -123,9 +124,11 @@ def test_full_dry_run_of_the_script_passes_and_writes_the_summary(tmp_path):
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "gpu_check.json").read_text())
-    assert [s["status"] for s in data["steps"]] == ["passed"] * 6
+    assert [s["status"] for s in data["steps"]] == ["passed"] * 7
     r = data["results"]
     assert r["search"]["training"]["precision"] == "bf16-mixed" and r["retrain"]["training"]["precision"] == "bf16-mixed"
     assert all(math.isfinite(v) for v in r["search"]["train_loss"] + r["retrain"]["train_loss"])
     assert r["search"]["onnx_max_abs_diff"] < 1e-3 and r["retrain"]["onnx_max_abs_diff"] < 1e-3
+    assert set(r["strategies"]) == {"ddpnas", "slimmable", "evolution"}
+    assert all(math.isfinite(v["train_loss"]) and v["exports_mflops"] for v in r["strategies"].values())
     assert "on a GPU this measures: peak memory (torch.cuda.max_memory_allocated)" in proc.stdout

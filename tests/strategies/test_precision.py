@@ -169,8 +169,9 @@ def _learnable(n: int = 48, classes: int = 4, res: int = 16):
     return x, y
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("name", ["ddpnas", "slimmable", "evolution"])
-def test_other_strategies_train_in_bf16_with_fp32_weights(name, space):
+def test_other_strategies_train_in_mixed_precision_with_fp32_weights(name, precision, space):
     torch.manual_seed(0)
     if name == "ddpnas":
         from nas.strategies.ddpnas import DDPNASSearch
@@ -191,9 +192,9 @@ def test_other_strategies_train_in_bf16_with_fp32_weights(name, space):
     conv_dtypes = _conv_output_dtypes(module.supernet)
     x, y = _learnable()
     train = DataLoader(TensorDataset(x, y), batch_size=16)
-    trainer = _trainer("bf16-mixed", epochs=2)
+    trainer = _trainer(precision, epochs=2)
     trainer.fit(module, train_dataloaders=train, val_dataloaders=DataLoader(TensorDataset(x[:16], y[:16]), 16))
-    assert torch.bfloat16 in conv_dtypes
+    assert (torch.bfloat16 if precision == "bf16-mixed" else torch.float16) in conv_dtypes
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
     params = dict(module.supernet.named_parameters())
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params.values())
