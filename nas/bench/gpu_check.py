@@ -109,12 +109,14 @@ class Settings:
         data = ["data=texshapes", "data.n_train=5000", "data.n_test=1000", "data.batch_size=64", "data.num_workers=2"]
         return cls(
             dry_run=False,
-            lut=[*hw, "measure.rel_ci=0.02", "measure.max_repeats=200", "measure.max_seconds=20", "measure.calib_nets=12",
+            lut=[*hw, "measure.rel_ci=0.02", "measure.max_repeats=200", "measure.max_seconds=20",
+                 "measure.calib_nets=12",
                  "samples=30", "retest=true"],
             search=[*hw, *data, "strategy.epochs=3", "strategy.module.warmup_epochs=1", "export.calib_batches=5"],
             retrain=[*data, "epochs=3"],
             search_precision="16-mixed", retrain_precision="bf16-mixed" if bf16 else "16-mixed", accelerator="gpu",
-            hardware="cuda", strategy_data=[*data, "data.n_train=1000", "data.n_test=200"], step_batch=64, step_warmup=5, step_rounds=20, timeout=400.0)
+            hardware="cuda", strategy_data=[*data, "data.n_train=1000", "data.n_test=200"], step_batch=64,
+            step_warmup=5, step_rounds=20, timeout=400.0)
 
 
 @dataclass
@@ -236,6 +238,27 @@ def compare_with_onnx(model_dir: Path, check: Check) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------- the apps' command lines
+def lut_overrides(s: Settings, batch: int, table: Path | str) -> list[str]:
+    return [f"space={SPACE}", *s.lut, f"hardware.batch_size={batch}", f"lut.path={table}"]
+
+
+def search_overrides(s: Settings, table: Path | str) -> list[str]:
+    return [f"space={SPACE}", "strategy=proxyless", "strategy.targets=[0.7]", *s.search, f"lut.path={table}",
+            "lut.accept_untrusted=true", f"trainer.accelerator={s.accelerator}",
+            f"trainer.precision={s.search_precision}", "logger=csv"]
+
+
+def retrain_overrides(s: Settings, export: Path | str) -> list[str]:
+    return [f"arch={export}", *s.retrain, f"trainer.accelerator={s.accelerator}",
+            f"trainer.precision={s.retrain_precision}", "logger=csv"]
+
+
+def strategy_overrides(s: Settings, name: str, space: str, extra: list[str]) -> list[str]:
+    return [f"strategy={name}", f"space={space}", "hardware=flops", *s.strategy_data,
+            f"trainer.accelerator={s.accelerator}", f"trainer.precision={s.search_precision}", "progress=none", *extra]
+
+
 # ---------------------------------------------------------------------- the steps
 def step_environment(check: Check) -> dict[str, Any]:
     s = check.settings
@@ -264,8 +287,7 @@ def step_lut(batch: int) -> Callable[[Check], dict[str, Any]]:
     def run(check: Check) -> dict[str, Any]:
         name = f"lut_b{batch}"
         table = check.out / "luts" / f"{SPACE}-{check.settings.hardware}-b{batch}.lut.json"
-        run_dir = run_app(check, name, "nas.apps.lut", [f"space={SPACE}", *check.settings.lut,
-                                                        f"hardware.batch_size={batch}", f"lut.path={table}"])
+        run_dir = run_app(check, name, "nas.apps.lut", lut_overrides(check.settings, batch, table))
         if not table.is_file():
             raise CheckFailed(f"nas-lut wrote no table at {table}")
         report = read_json(run_dir / "lut_validation.json", "the validation report")
@@ -287,10 +309,7 @@ def step_lut(batch: int) -> Callable[[Check], dict[str, Any]]:
 def step_search(check: Check) -> dict[str, Any]:
     s = check.settings
     table = check.results["lut_b1"]["table"]
-    run_dir = run_app(check, "search", "nas.apps.search", [
-        f"space={SPACE}", "strategy=proxyless", "strategy.targets=[0.7]", *s.search, f"lut.path={table}",
-        "lut.accept_untrusted=true", f"trainer.accelerator={s.accelerator}", f"trainer.precision={s.search_precision}",
-        "logger=csv"])
+    run_dir = run_app(check, "search", "nas.apps.search", search_overrides(s, table))
     export = run_dir / "export"
     report = read_json(export / "report.json", "the export's report.json")
     if report.get("training", {}).get("precision") != s.search_precision:
@@ -313,9 +332,7 @@ def step_search(check: Check) -> dict[str, Any]:
 
 def step_retrain(check: Check) -> dict[str, Any]:
     s = check.settings
-    run_dir = run_app(check, "retrain", "nas.apps.retrain", [
-        f"arch={check.results['search']['export']}", *s.retrain, f"trainer.accelerator={s.accelerator}",
-        f"trainer.precision={s.retrain_precision}", "logger=csv"])
+    run_dir = run_app(check, "retrain", "nas.apps.retrain", retrain_overrides(s, check.results["search"]["export"]))
     report = read_json(run_dir / "retrain_report.json", "retrain_report.json")
     if report.get("training", {}).get("precision") != s.retrain_precision:
         raise CheckFailed(f"the retrain trained with precision {report.get('training')}, not {s.retrain_precision}")
@@ -357,9 +374,7 @@ def step_strategies(check: Check) -> dict[str, Any]:
     quiet_lightning()
     res: dict[str, Any] = {}
     for name, space_name, extra in STRATEGY_RUNS:
-        cfg = compose_search([f"strategy={name}", f"space={space_name}", "hardware=flops", *s.strategy_data,
-                              f"trainer.accelerator={s.accelerator}", f"trainer.precision={s.search_precision}",
-                              "progress=none", *extra])
+        cfg = compose_search(strategy_overrides(s, name, space_name, extra))
         torch.manual_seed(0)
         space = make_space(cfg.space)
         datamodule = make_datamodule(cfg)
@@ -546,11 +561,13 @@ def _numbers(name: str, res: dict[str, Any]) -> str:
     if name.startswith("lut_"):
         rt = res.get("retest_within_10pct")
         return (f"{res['nets']} nets: {100 * res['within_10pct']:.0f}% within +-10%, Spearman {res['spearman']:.3f}, "
-                f"bias {res['bias_pct']:+.1f}%" + (f", test-retest {100 * rt:.0f}% within +-10%" if rt is not None else ""))
+                f"bias {res['bias_pct']:+.1f}%"
+                + (f", test-retest {100 * rt:.0f}% within +-10%" if rt is not None else ""))
     if name == "search":
         meas = f"{res['measured_ms']:.3f}" if res.get("measured_ms") is not None else "-"
         return (f"{res['training']['precision']}: loss {res['train_loss'][0]:.3f} -> {res['train_loss'][-1]:.3f}, "
-                f"val acc {100 * res['val_acc']:.1f}%, latency predicted {res['predicted_ms']:.3f} / measured {meas} ms "
+                f"val acc {100 * res['val_acc']:.1f}%, latency predicted {res['predicted_ms']:.3f} / measured {meas} "
+                f"ms "
                 f"(target {res['target_ms']:.3f})")
     if name == "retrain":
         return (f"{res['training']['precision']}: loss {res['train_loss'][0]:.3f} -> {res['train_loss'][-1]:.3f}, "

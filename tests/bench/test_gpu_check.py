@@ -10,8 +10,10 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
+from nas.apps.common import CONF_DIR, command_line_error
 from nas.bench import gpu_check as gc
 from nas.export import WEIGHTS_FILE, write_export
 from supernets.blocks import space_timm_net
@@ -126,9 +128,25 @@ def test_full_dry_run_of_the_script_passes_and_writes_the_summary(tmp_path):
     data = json.loads((out / "gpu_check.json").read_text())
     assert [s["status"] for s in data["steps"]] == ["passed"] * 7
     r = data["results"]
-    assert r["search"]["training"]["precision"] == "bf16-mixed" and r["retrain"]["training"]["precision"] == "bf16-mixed"
+    assert r["search"]["training"]["precision"] == r["retrain"]["training"]["precision"] == "bf16-mixed"
     assert all(math.isfinite(v) for v in r["search"]["train_loss"] + r["retrain"]["train_loss"])
     assert r["search"]["onnx_max_abs_diff"] < 1e-3 and r["retrain"]["onnx_max_abs_diff"] < 1e-3
     assert set(r["strategies"]) == {"ddpnas", "slimmable", "evolution"}
     assert all(math.isfinite(v["train_loss"]) and v["exports_mflops"] for v in r["strategies"].values())
     assert "on a GPU this measures: peak memory (torch.cuda.max_memory_allocated)" in proc.stdout
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_every_command_line_of_the_check_names_only_existing_keys(dry_run, tmp_path):
+    """The GPU run's overrides (never run here) compose into the apps' configs: a misspelt key would
+    cost the GPU run its first app step."""
+    s = gc.Settings.make(dry_run, bf16=True)
+    table = tmp_path / "t.json"
+    lines = {"lut": [gc.lut_overrides(s, 32, table)], "search": [gc.search_overrides(s, table)],
+             "retrain": [gc.retrain_overrides(s, tmp_path / "export")]}
+    lines["search"] += [gc.strategy_overrides(s, *run) for run in gc.STRATEGY_RUNS]
+    for app, commands in lines.items():
+        for overrides in commands:
+            assert command_line_error(app, overrides) is None, (app, overrides)
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                compose(app, overrides=overrides)  # groups and options exist (hardware=cuda, data=texshapes, ...)
