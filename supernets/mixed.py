@@ -42,11 +42,32 @@ def frozen_bn_stats(module: nn.Module):
             m.num_batches_tracked.copy_(nbt)
 
 
+#: Device types whose autocast state :class:`BinaryGate` carries from its forward to its backward.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+
+
+@contextlib.contextmanager
+def _autocast_as(state: Sequence[tuple[str, bool, torch.dtype]]):
+    """Autocast exactly as recorded by :func:`_autocast_state` (on or off per device type)."""
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in state:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        yield
+
+
 class BinaryGate(torch.autograd.Function):
     """y = ops[active](x); backward gives x its true gradient and p the BinaryConnect gate gradients.
 
     ``probs`` are the (renormalised) probabilities of exactly the candidates in ``ops``; only their
     gradient is formed here, autograd carries it through the softmax to alpha.
+
+    Mixed precision: the backward recomputes the other candidates under the autocast state of the
+    forward (CUDA runs a backward on its own thread, where the caller's autocast is off: a bf16 input
+    would meet fp32 weights), and sums each ``o_k * dL/dy`` in fp32, returning p's gradient in p's dtype.
     """
 
     @staticmethod
@@ -55,6 +76,7 @@ class BinaryGate(torch.autograd.Function):
         with torch.enable_grad():
             out = ops[active](x_d)
         ctx.x_d, ctx.out, ctx.ops, ctx.active = x_d, out, ops, active
+        ctx.autocast, ctx.probs_dtype = _autocast_state(), probs.dtype
         return out.detach()
 
     @staticmethod
@@ -67,16 +89,17 @@ class BinaryGate(torch.autograd.Function):
             else:
                 (grad_x,) = torch.autograd.grad(out, x_d, grad_out)
         grads = []
-        with torch.no_grad():
+        g = grad_out.float()
+        with torch.no_grad(), _autocast_as(ctx.autocast):
             for k, op in enumerate(ops):
                 if k == active:
                     o = out.detach()
                 else:
                     with frozen_bn_stats(op) if isinstance(op, nn.Module) else contextlib.nullcontext():
                         o = op(x_d.detach())
-                grads.append((o * grad_out).sum())
+                grads.append((o.float() * g).sum())
         del ctx.x_d, ctx.out, ctx.ops
-        return grad_x, torch.stack(grads).to(grad_out.dtype), None, None
+        return grad_x, torch.stack(grads).to(ctx.probs_dtype), None, None
 
 
 class MixedOp(nn.Module):

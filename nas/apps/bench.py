@@ -30,11 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from nas.apps.common import (
     CONF_DIR,
+    check_precision,
     console_main,
     instantiate,
     make_cost_model,
     make_device,
     make_space,
+    uses_cuda,
 )
 from nas.bench import memory as bm
 from nas.bench import search as bs
@@ -180,7 +182,10 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     device = make_device(cfg.hardware)
     threads = int(s.get("threads") or 1)
     torch.set_num_threads(threads)
+    accelerator = str(s.get("accelerator") or "cpu")
+    precision = check_precision(s.get("precision") or "32-true", accelerator)
     datamodule = instantiate(cfg.data)
+    datamodule.pin_memory = uses_cuda(accelerator)
     datamodule.prepare_data()
     datamodule.setup()
     search_dm = None
@@ -193,6 +198,7 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
             raise UserError(f"search.search_train_size needs a data module with a train_size option; data="
                             f"{cfg.data.get('name', '?')} has none: set search.search_train_size=null")
         search_dm = instantiate(OmegaConf.merge(cfg.data, {"train_size": int(search_size)}))
+        search_dm.pin_memory = datamodule.pin_memory
         search_dm.prepare_data()
         search_dm.setup()
     cost_model = make_cost_model(cfg, space, device, datamodule.num_classes, log=_log)
@@ -208,7 +214,7 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
         lr=float(s.lr), label_smoothing=float(s.label_smoothing), strategies=strategies,
         random_search=container("random_search"), disc=container("discrimination"), ranking=container("ranking"),
         weight_sharing=str(cfg.supernet.weight_sharing), seed=int(cfg.seed), measure=container("measure"),
-        jobs=int(s.get("jobs") or 1), threads=threads, accelerator=str(s.get("accelerator") or "cpu"),
+        jobs=int(s.get("jobs") or 1), threads=threads, accelerator=accelerator, precision=precision,
         search_datamodule=search_dm,
         retrain_cache=(out / str(s.retrain_cache)) if s.get("retrain_cache") else None, log=_log)
     res["preset"] = str(s.get("preset", "none"))

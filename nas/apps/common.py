@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
@@ -409,10 +410,57 @@ def check_epochs(value: Any, key: str) -> int:
     return value
 
 
+#: ``trainer.precision`` values the apps accept (Lightning's names): fp32; bfloat16 autocast (CPU and
+#: GPU, no loss scaling); float16 autocast with a gradient scaler (CUDA GPUs only).
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+def uses_cuda(accelerator: Any) -> bool:
+    """Whether a Lightning ``accelerator`` setting trains on a CUDA GPU on this machine."""
+    a = str(accelerator).lower()
+    return a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available())
+
+
+def check_precision(precision: Any, accelerator: Any) -> str:
+    """``trainer.precision`` as Lightning's name, refused with one line where it cannot run: an unknown
+    value, ``16-mixed`` without a CUDA GPU (Lightning would silently switch to bf16), ``bf16-mixed`` on
+    a GPU without bfloat16 support."""
+    value = "32-true" if str(precision) in ("32", "32-true") else str(precision)
+    if value not in PRECISIONS:
+        raise UserError(f"trainer.precision={precision!r} is unknown; choose one of: {', '.join(PRECISIONS)} "
+                        f"(bf16-mixed on CPU or GPU, 16-mixed on a CUDA GPU)")
+    cuda = uses_cuda(accelerator)
+    if value == "16-mixed" and not cuda:
+        raise UserError(f"trainer.precision=16-mixed needs a CUDA GPU (trainer.accelerator={accelerator}); "
+                        f"on CPU use trainer.precision=bf16-mixed")
+    if value == "bf16-mixed" and cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError(f"trainer.precision=bf16-mixed: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 "
+                        f"support; use trainer.precision=16-mixed")
+    return value
+
+
 def trainer_kwargs(cfg) -> dict[str, Any]:
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kw["precision"] = check_precision(kw.get("precision", "32-true"), kw.get("accelerator", "auto"))
     kw["enable_progress_bar"] = resolve_progress(check_progress(cfg.get("progress", "auto"))) != "none"
     return kw
+
+
+def training_record(cfg) -> dict[str, Any]:
+    """How a run trained (for its report): accelerator, devices, precision, data-loader workers."""
+    t = cfg.trainer
+    return {"accelerator": str(t.get("accelerator", "auto")), "devices": t.get("devices"),
+            "precision": check_precision(t.get("precision", "32-true"), t.get("accelerator", "auto")),
+            "num_workers": int(cfg.data.get("num_workers", 0) or 0),
+            "pin_memory": uses_cuda(t.get("accelerator", "auto"))}
+
+
+def make_datamodule(cfg):
+    """The ``data=`` option as an object, its loaders pinning host memory when the trainer
+    (``trainer.accelerator``) uses a CUDA GPU, and only then."""
+    datamodule = instantiate(cfg.data)
+    datamodule.pin_memory = uses_cuda(cfg.get("trainer", {}).get("accelerator", "cpu"))
+    return datamodule
 
 
 def logged_run(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

@@ -26,11 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 from nas.apps.common import (
     CONF_DIR,
     check_epochs,
+    check_precision,
     check_progress,
     console_main,
-    instantiate,
+    make_datamodule,
     make_logger,
     trainer_kwargs,
+    training_record,
 )
 from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
@@ -141,6 +143,7 @@ def run_retrain(cfg: DictConfig) -> float:
                         "`nas-retrain arch=outputs/search/<date>/<time>/export`")
     epochs = check_epochs(cfg.epochs, "epochs")
     check_progress(cfg.get("progress", "auto"))
+    check_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
     export_dir = Path(str(cfg.arch)).expanduser()
     if not export_dir.exists():
         raise UserError(f"arch={export_dir} does not exist; pass the export folder of a search, e.g. "
@@ -157,7 +160,7 @@ def run_retrain(cfg: DictConfig) -> float:
         net, _ = build_from_arch_file(export_dir)
     OmegaConf.update(cfg, "space.resolution", arch.resolution, force_add=True)
     OmegaConf.update(cfg, "space.in_chans", in_chans, force_add=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = make_datamodule(cfg)
     if datamodule.num_classes != arch.num_classes:
         raise UserError(f"the architecture has {arch.num_classes} classes, data={datamodule.describe()['name']} has "
                         f"{datamodule.num_classes}; retrain on the dataset it was searched on")
@@ -196,6 +199,7 @@ def run_retrain(cfg: DictConfig) -> float:
         "params": count_params(net),
         "flops": count_model_flops(net, (in_chans, arch.resolution, arch.resolution)),
         "seconds": time.perf_counter() - t0,
+        "training": training_record(cfg),
         "checkpoint": ckpt.best_model_path or ckpt.last_model_path,
     }
     _write_model_folder(out_dir / "model", export_dir, net, arch, in_chans)

@@ -21,14 +21,17 @@ from rich.table import Table
 
 from nas.apps.common import (
     check_epochs,
+    check_precision,
     check_progress,
     console_main,
     instantiate,
     make_cost_model,
     make_device,
+    make_datamodule,
     make_logger,
     make_space,
     trainer_kwargs,
+    training_record,
 )
 from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
@@ -81,6 +84,7 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
         "val_acc": val_acc,
         "search_seconds": search_seconds,
         "search_cost": dict(module.search_cost),
+        "training": training_record(cfg),
         "distributed": dict(module.dist_check),
         "seed": int(cfg.seed),
     }
@@ -152,6 +156,7 @@ def run_search(cfg: DictConfig) -> float:
     t_start = time.perf_counter()
     # ---- everything a user can get wrong is checked here, before any training
     check_progress(cfg.get("progress", "auto"))
+    check_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
     if "epochs" in cfg.strategy:
         check_epochs(cfg.strategy.epochs, "strategy.epochs")
     run_dir = Path(cfg.export.dir).parent
@@ -160,7 +165,7 @@ def run_search(cfg: DictConfig) -> float:
     pl.seed_everything(seed, workers=True, verbose=False)
     torch.set_num_threads(int(cfg.hardware.get("threads", torch.get_num_threads())))
     space = make_space(cfg.space)
-    datamodule = instantiate(cfg.data)
+    datamodule = make_datamodule(cfg)
     device = make_device(cfg.hardware)
     num_classes = datamodule.num_classes
     cost_model = make_cost_model(cfg, space, device, num_classes)

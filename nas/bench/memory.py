@@ -128,26 +128,27 @@ def _weight_step(net, opt, params, x, y) -> float:
 
 
 def build_step(name: str, space, num_classes: int, path, batch: tuple, *, lr: float = 0.05,
-               seed: int = 0) -> tuple[Callable[[], float], Any]:
-    """The step function of configuration ``name`` and its module (for parameter counts)."""
+               seed: int = 0, device: str = "cpu") -> tuple[Callable[[], float], Any]:
+    """The step function of configuration ``name`` and its module (for parameter counts), on
+    ``device`` (the batch is moved there; path sampling stays on the CPU as in training)."""
     import torch
     import torch.nn.functional as F
 
     from supernets.blocks import space_timm_net
     from supernets.supernet import Supernet
 
-    x, y = batch
+    x, y = (t.to(device) for t in batch)
     torch.manual_seed(seed)
     if name.startswith("standalone/"):
         arch = space.largest(num_classes) if name.endswith("largest") else path
-        net = space_timm_net(space, arch, num_classes).train()
+        net = space_timm_net(space, arch, num_classes).train().to(device)
         params = list(net.parameters())
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=4e-5, nesterov=True)
 
         return (lambda: _weight_step(net, opt, params, x, y)), net
 
     gate, phase, sharing = name.split("/")
-    net = Supernet(space, num_classes, gate=gate, weight_sharing=sharing).train()
+    net = Supernet(space, num_classes, gate=gate, weight_sharing=sharing).train().to(device)
     wparams = net.weight_parameters()
     opt_w = torch.optim.SGD(wparams, lr=lr, momentum=0.9, weight_decay=4e-5, nesterov=True)
     opt_a = torch.optim.Adam(net.arch_parameters(), lr=0.01, betas=(0.0, 0.999))

@@ -53,10 +53,10 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def _trainer(epochs: int, *, validate: bool, accelerator: str = "cpu"):
+def _trainer(epochs: int, *, validate: bool, accelerator: str = "cpu", precision: str = "32-true"):
     import pytorch_lightning as pl
 
-    return pl.Trainer(max_epochs=int(epochs), accelerator=accelerator, devices=1, logger=False,
+    return pl.Trainer(max_epochs=int(epochs), accelerator=accelerator, precision=precision, devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, log_every_n_steps=50,
                       **({} if validate else {"limit_val_batches": 0}))
@@ -111,7 +111,7 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
 
 # ---------------------------------------------------------------------- retraining
 def retrain(space, arch, datamodule, *, epochs: int, seed: int, lr: float = 0.05,
-            label_smoothing: float = 0.1, accelerator: str = "cpu") -> dict[str, float]:
+            label_smoothing: float = 0.1, accelerator: str = "cpu", precision: str = "32-true") -> dict[str, float]:
     """Train ``arch`` from scratch (timm net, RetrainModule, SGD + cosine) and evaluate it."""
     import pytorch_lightning as pl
 
@@ -123,7 +123,7 @@ def retrain(space, arch, datamodule, *, epochs: int, seed: int, lr: float = 0.05
     pl.seed_everything(int(seed), workers=True, verbose=False)
     net = space_timm_net(space, arch, datamodule.num_classes)
     module = RetrainModule(net, lr=lr, label_smoothing=label_smoothing)
-    _trainer(epochs, validate=False, accelerator=accelerator).fit(
+    _trainer(epochs, validate=False, accelerator=accelerator, precision=precision).fit(
         module, train_dataloaders=datamodule.train_dataloader())
     net = module.net.cpu().eval()
     return {"val_acc": evaluate(net, datamodule.val_dataloader()),
@@ -160,12 +160,12 @@ class Retrainer:
     """
 
     def __init__(self, space, datamodule, *, epochs: int, seeds: Sequence[int], lr: float, label_smoothing: float,
-                 jobs: int = 1, threads: int = 1, accelerator: str = "cpu", log: Callable[[str], None] = print,
-                 cache: str | Path | None = None):
+                 jobs: int = 1, threads: int = 1, accelerator: str = "cpu", precision: str = "32-true",
+                 log: Callable[[str], None] = print, cache: str | Path | None = None):
         self.space, self.dm = space, datamodule
         self.epochs, self.seeds = int(epochs), [int(s) for s in seeds]
         self.kw = dict(epochs=self.epochs, lr=float(lr), label_smoothing=float(label_smoothing),
-                       accelerator=accelerator)
+                       accelerator=accelerator, precision=precision)
         self.jobs, self.threads = max(1, int(jobs)), max(1, int(threads))
         self.log = log
         self.runs: dict[tuple, dict[str, Any]] = {}  # (arch key, seed) -> result
@@ -304,7 +304,7 @@ def available_strategies(conf_dir: str | Path, wanted: Sequence[str]) -> dict[st
 
 def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], *, space, datamodule, cost_model,
                  budgets: Mapping[str, float], seed: int, weight_sharing: str, accelerator: str = "cpu",
-                 log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+                 precision: str = "32-true", log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Search with strategy ``name``; returns ``{budget label: {"arch", "search_seconds", ...}}``."""
     # under a `strategy` root, as nas-search composes it: the options' ${strategy.*} interpolations resolve
     cfg = OmegaConf.create({"strategy": OmegaConf.load(Path(conf_dir) / "strategy" / f"{name}.yaml")}).strategy
@@ -320,7 +320,7 @@ def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], 
     def search(targets: Mapping[str, float]):
         return train_search_module(cfg.module, space=space, datamodule=datamodule, cost_model=cost_model,
                                    targets=targets, epochs=epochs, seed=seed, weight_sharing=weight_sharing,
-                                   accelerator=accelerator)
+                                   accelerator=accelerator, precision=precision)
 
     if per_budget:
         for label, ms in budgets.items():
@@ -345,7 +345,7 @@ def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], 
 
 
 def train_search_module(module_cfg, *, space, datamodule, cost_model, targets, epochs: int, seed: int,
-                        weight_sharing: str, accelerator: str = "cpu"):
+                        weight_sharing: str, accelerator: str = "cpu", precision: str = "32-true"):
     """Build the strategy module of ``module_cfg`` on a fresh supernet and train it; ``(module, seconds)``."""
     import pytorch_lightning as pl
 
@@ -359,21 +359,21 @@ def train_search_module(module_cfg, *, space, datamodule, cost_model, targets, e
         module_cfg.seed = int(seed)
     module = instantiate(module_cfg)(supernet=supernet, cost_model=cost_model, targets=targets)
     t0 = time.perf_counter()
-    _trainer(epochs, validate=True, accelerator=accelerator).fit(
+    _trainer(epochs, validate=True, accelerator=accelerator, precision=precision).fit(
         module, train_dataloaders=module.train_loaders(datamodule), val_dataloaders=datamodule.val_dataloader())
     module.supernet.cpu()
     return module, time.perf_counter() - t0
 
 
 def train_spos_supernet(conf_dir: str | Path, *, space, datamodule, cost_model, epochs: int, seed: int,
-                        weight_sharing: str, accelerator: str = "cpu"):
+                        weight_sharing: str, accelerator: str = "cpu", precision: str = "32-true"):
     """A supernet trained with uniform single-path sampling (SPOS) for ``epochs``: ProxylessNAS's warm-up
     phase for the whole run (weights only, one uniformly random path per batch, no architecture step)."""
     cfg = OmegaConf.load(Path(conf_dir) / "strategy" / "proxyless.yaml")
     module_cfg = OmegaConf.merge(cfg.module, {"warmup_epochs": int(epochs), "loss_form": "none", "derive": "argmax"})
     module, secs = train_search_module(module_cfg, space=space, datamodule=datamodule, cost_model=cost_model,
                                        targets=None, epochs=epochs, seed=seed, weight_sharing=weight_sharing,
-                                       accelerator=accelerator)
+                                       accelerator=accelerator, precision=precision)
     return module.supernet, secs
 
 
@@ -407,12 +407,13 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
                      random_search: Mapping[str, Any] | None = None, disc: Mapping[str, Any] | None = None,
                      ranking: Mapping[str, Any] | None = None, weight_sharing: str = "elastic", seed: int = 0,
                      measure: Mapping[str, Any] | None = None, jobs: int = 1, threads: int = 1,
-                     accelerator: str = "cpu", search_datamodule=None, retrain_cache: str | Path | None = None,
+                     accelerator: str = "cpu", precision: str = "32-true", search_datamodule=None,
+                     retrain_cache: str | Path | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """The protocol of docs/search-quality.md. ``search_datamodule`` (default: ``datamodule``) is what
     the searches, the random-search supernet and the ranking's supernet scores use: a proxy subset
     for the searches, as ProxylessNAS searched on part of ImageNet; every net is retrained on
-    ``datamodule``."""
+    ``datamodule``. ``accelerator`` and ``precision`` are those of every training (Lightning's names)."""
     _quiet_lightning()
     t0 = time.perf_counter()
     num_classes = datamodule.num_classes
@@ -427,11 +428,13 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
         f"latency {lo:.3f}-{hi:.3f} ms on {device.name}; targets "
         + ", ".join(f"{k_}={v:.3f} ms" for k_, v in resolved.items()))
     trainer = Retrainer(space, datamodule, epochs=epochs, seeds=seeds, lr=lr, label_smoothing=label_smoothing,
-                        jobs=jobs, threads=threads, accelerator=accelerator, log=log, cache=retrain_cache)
+                        jobs=jobs, threads=threads, accelerator=accelerator, precision=precision, log=log,
+                        cache=retrain_cache)
     res: dict[str, Any] = {
         "space": space.name, "data": d, "device": device.name, "device_fingerprint": device.fingerprint(),
         "latency_range_ms": [lo, hi], "budgets": resolved, "k": k, "band": band, "epochs": epochs,
         "seeds": list(seeds), "lr": lr, "label_smoothing": label_smoothing, "jobs": jobs,
+        "accelerator": accelerator, "precision": precision,
         "strategies": {n: OmegaConf.to_container(OmegaConf.create(dict(ov or {}))) for n, ov in
                        (strategies or {}).items()},
         "random_search": dict(rs), "entries": [], "load_avg_start": list(os.getloadavg()),
@@ -474,7 +477,7 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
             log(f"searching with {name}")
             found = run_strategy(name, conf_dir, dict(ov or {}), space=space, datamodule=sdm,
                                  cost_model=cost_model, budgets=resolved, seed=seed, weight_sharing=weight_sharing,
-                                 accelerator=accelerator, log=log)
+                                 accelerator=accelerator, precision=precision, log=log)
             for label, r in found.items():
                 add(name, label, r["arch"], search_seconds=r["search_seconds"], search_epochs=r["epochs"],
                     shared_search=bool(r.get("shared_search", False)))
@@ -491,7 +494,7 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
         log(f"random search: SPOS supernet, {spos_epochs} epochs")
         supernet, spos_secs = train_spos_supernet(conf_dir, space=space, datamodule=sdm, cost_model=cost_model,
                                                   epochs=spos_epochs, seed=seed, weight_sharing=weight_sharing,
-                                                  accelerator=accelerator)
+                                                  accelerator=accelerator, precision=precision)
         calib = list(sdm.calib_dataloader(int(rs["calib_batches"])))
         res["random_search"].update(supernet_epochs=spos_epochs, supernet_seconds=spos_secs)
         sn_acc: dict[tuple, float] = {}

@@ -136,6 +136,9 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         self.seed = int(seed)
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else 2 * self.batch_size
         self.name = name if name is not None else self.default_name
+        #: page-locked batches for fast copies to a GPU; the apps set it when the trainer uses one
+        #: (``nas.apps.common.make_datamodule``): pinning for a CPU run only costs time and memory
+        self.pin_memory = False
 
         self.train_set: Dataset | None = None
         self.arch_set: Dataset | None = None
@@ -178,7 +181,7 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=persistent and self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> DataLoader:

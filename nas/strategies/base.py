@@ -136,6 +136,29 @@ class SearchStrategy(pl.LightningModule):
             self.search_cost["seconds"] += time.perf_counter() - self._t_epoch
         self.search_cost["epochs"] += 1
 
+    # ------------------------------------------------------------------ mixed precision
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the weight gradients (``grad_clip``, a norm) right before the weight optimizer steps.
+
+        Lightning calls this after a ``16-mixed`` gradient scaler has unscaled the gradients (clipping in
+        ``training_step`` would clip the scaled ones), for every precision alike; the architecture
+        optimizer's step is left alone."""
+        clip = getattr(self, "grad_clip", None)
+        if not clip:
+            return
+        arch = {id(a) for a in self.supernet.arch_parameters()}
+        if any(id(p) in arch for group in optimizer.param_groups for p in group["params"]):
+            return
+        torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), clip)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The ``16-mixed`` loss scaler of the trainer (None for fp32 and bf16-mixed, and outside fit).
+        A backward that does not go through ``manual_backward`` must scale its loss with it, because the
+        optimizer's step unscales the gradients."""
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
     def count_images(self, n: int) -> None:
         self.search_cost["images"] += int(n)
 

@@ -452,8 +452,6 @@ class DDPNASSearch(SearchStrategy):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.supernet(x), y, label_smoothing=self.label_smoothing)
         self.manual_backward(loss)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.supernet.weight_parameters(), self.grad_clip)
         opt.step()
         self.count_images(len(y))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))

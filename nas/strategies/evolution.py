@@ -250,8 +250,6 @@ class EvolutionSearch(SearchStrategy):
                 teacher = F.softmax(logits.detach(), dim=1)
             self.manual_backward(loss)  # the sandwich's gradients add up (as in slimmable networks)
             losses.append(float(loss.detach()))
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.weight_parameters(), self.grad_clip)
         opt.step()
         net.set_active(self.largest)
         self.count_images(len(y))

@@ -121,7 +121,10 @@ class ProxylessSearch(SearchStrategy):
         return self.current_epoch < self.warmup_epochs
 
     def expected_latency(self) -> torch.Tensor:
-        return self.cost_model.expected(self.supernet.probs())
+        """E[lat] under p = softmax(alpha), in fp32 (alpha is fp32; an autocast region would run the
+        cost model's einsum in bf16/fp16)."""
+        with torch.autocast(self.supernet.arch_parameters()[0].device.type, enabled=False):
+            return self.cost_model.expected({k: v.float() for k, v in self.supernet.probs().items()})
 
     def training_step(self, batch, batch_idx):
         opt_w, opt_a = self.optimizers()
@@ -134,8 +137,6 @@ class ProxylessSearch(SearchStrategy):
         opt_w.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), y, label_smoothing=self.label_smoothing)
         self.manual_backward(loss)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.weight_parameters(), self.grad_clip)
         opt_w.step()
         self.count_images(len(y))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
@@ -151,12 +152,19 @@ class ProxylessSearch(SearchStrategy):
             for p in weights:
                 p.requires_grad_(False)
             try:
-                ce = F.cross_entropy(net(xa), ya)
-                exp_lat = self.expected_latency()
-                arch_loss = latency_loss(ce, exp_lat, self.target, **self.loss_args)
-                if self.search_widths:
-                    arch_loss = arch_loss + self.width_reinforce(arch_loss.detach())
-                arch_loss.backward()  # alpha is outside DDP: a plain backward, reduced below
+                logits = net(xa)
+                # the latency term and the loss on alpha in fp32 whatever trainer.precision autocasts
+                # (bf16 keeps ~3 digits: too few for E[lat] against its target)
+                with torch.autocast(xa.device.type, enabled=False):
+                    ce = F.cross_entropy(logits.float(), ya)
+                    exp_lat = self.expected_latency()
+                    arch_loss = latency_loss(ce, exp_lat, self.target, **self.loss_args)
+                    if self.search_widths:
+                        arch_loss = arch_loss + self.width_reinforce(arch_loss.detach())
+                # alpha is outside DDP: a plain backward, reduced below; under 16-mixed scaled as the
+                # weight step's loss is, since opt_a.step() unscales (and skips a step with inf gradients)
+                scaler = self.grad_scaler()
+                (scaler.scale(arch_loss) if scaler is not None else arch_loss).backward()
             finally:
                 for p in weights:
                     p.requires_grad_(True)

@@ -449,8 +449,6 @@ class SlimmableSearch(SearchStrategy):
             self.manual_backward(loss)
             kind = "widest" if k == 0 else "narrowest" if k == 1 else "random"
             losses.setdefault(kind, []).append(float(loss.detach()))
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.weight_parameters(), self.grad_clip)
         opt.step()
         net.set_active(self.arch_for(self.widest))
         self.count_images(len(y))
