@@ -145,6 +145,13 @@ def trust_problems(table: LatencyTable, bar: Mapping[str, float] | None) -> list
     if clean is not None and clean < MIN_CLEAN_FRACTION:
         problems.append(f"other processes interrupted {100 * (1 - clean):.0f}% of its timed calls")
     v = table.meta.get("validation") or {}
+    for which, what in (("vs_table", "measured/predicted"), ("retest", "re-measured/measured")):
+        sp = (v.get("state_split") or {}).get(which)
+        if sp and sp.get("split"):
+            meds = sp["group_medians"]
+            problems.append(f"its validation ran in different speed states: groups of 8 nets measured "
+                            f"{min(meds):.2f}x to {max(meds):.2f}x ({what}), so no single conversion to ms holds "
+                            f"(set hardware.threads=1 on a shared machine)")
     if bar and v:
         w, s = v.get("within_10pct"), v.get("spearman")
         bad_w = w is not None and not w >= bar["within_10pct"]

@@ -102,6 +102,30 @@ def retest_stats(first: Sequence[float], second: Sequence[float]) -> dict[str, f
     return s
 
 
+#: Group medians of measured / predicted further apart than this (max / min) mean the machine ran the
+#: groups of nets in different speed states: the table's conversion to ms holds for some groups only.
+STATE_SPLIT_MAX = 1.3
+
+
+def state_split(reference: Sequence[float], measured: Sequence[float], group: int = NET_GROUP) -> dict[str, Any] | None:
+    """How far the groups of a measurement (nets are timed in consecutive groups of ``group``) moved
+    apart: the median of ``measured / reference`` in each group of at least 3 nets, and the ratio of
+    the largest to the smallest of them (``spread``; 1.0 = every group in the same state).
+
+    On this 2-core machine a torch-eager validation once fell into two clusters 2x apart: within a
+    group the ratio to the prediction was constant to +-3 %, between groups it jumped between ~1.0
+    and ~2.1 (docs/latency.md). A fit through such a measurement is wrong for every net; this
+    detects it. ``reference`` is the table's prediction, or the first pass for a test-retest.
+    """
+    r = np.asarray(measured, dtype=np.float64) / np.asarray(reference, dtype=np.float64)
+    meds = [float(np.median(r[i:i + group])) for i in range(0, len(r), group) if len(r[i:i + group]) >= 3]
+    meds = [m for m in meds if np.isfinite(m) and m > 0]
+    if len(meds) < 2:
+        return None
+    return {"group_medians": [round(m, 4) for m in meds], "spread": round(max(meds) / min(meds), 4),
+            "split": max(meds) / min(meds) > STATE_SPLIT_MAX}
+
+
 # ---------------------------------------------------------------------- validation
 def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int = 0, retest: bool = True,
                    progress: bool = False, rel_ci: float | None = None, max_repeats: int | None = None,
@@ -171,6 +195,10 @@ def validate_measured(table: LatencyTable, labelled: Sequence[tuple[str, Any]], 
     if second is not None:
         summary["retest"] = retest_stats(measured, second)
         summary["vs_retest"] = validation_stats(predicted, second)
+    split = {"vs_table": state_split(predicted, measured),
+             "retest": state_split(measured, second) if second is not None else None}
+    if any(split.values()):
+        summary["state_split"] = split
     nets = [{"label": label, "choices": dict(a.choices), "predicted_ms": p, "measured_ms": m,
              "error_pct": 100.0 * (p - m) / m, **({"remeasured_ms": second[i]} if second is not None else {})}
             for i, ((label, a), p, m) in enumerate(zip(labelled, predicted, measured))]
@@ -221,6 +249,11 @@ def print_report(report: Mapping[str, Any], console=None, max_rows: int = 12) ->
                          if s.get("clean_fraction") is not None else ""))
     busy_warning(s.get("clean_fraction"), console.print)
     drift_warning(s.get("reference_drift_pct"), console.print)
+    for which, sp in (s.get("state_split") or {}).items():
+        if sp and sp.get("split"):
+            console.print(f"warning: the groups of nets ran in different speed states ({which}: group medians "
+                          f"{min(sp['group_medians']):.2f}x to {max(sp['group_medians']):.2f}x): the table is not "
+                          f"trusted; measure on a quiet machine or with hardware.threads=1")
 
 
 def busy_warning(fraction: float | None, emit=print) -> None:

@@ -7,6 +7,7 @@ processes, started and stopped by the test, load the machine.
 from __future__ import annotations
 
 import math
+import random
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
@@ -238,3 +240,33 @@ def test_ctrl_c_while_nas_search_builds_its_table(tmp_path):
     assert err.count("\n") == 1 and err.startswith("interrupted (Ctrl-C) while building the latency table"), err
     assert "nothing was cached" in err
     assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+# --------------------------------------------------------------------------- speed states
+def test_groups_in_two_speed_states_are_detected_and_refused():
+    """The failure seen here: within each group of 8 nets the ratio to the prediction is constant, but
+    groups alternate between ~1.0x and ~2.0x. Spearman inside groups stays high, so only the group
+    medians show it; a steady measurement with 5 % noise is not flagged."""
+    from nas.latency.validate import STATE_SPLIT_MAX, state_split, validate_measured
+
+    rng = np.random.default_rng(0)
+    space = SearchSpace.from_dict(TINY)
+    t = hand_table(space)
+    archs = [("random", space.sample(10, random.Random(i))) for i in range(32)]
+    predicted = np.array([t.predict(a) for _, a in archs])
+    states = np.repeat([1.0, 2.05, 0.98, 2.1], 8)  # group by group
+    split_meas = predicted * states * rng.uniform(0.97, 1.03, 32)
+    steady = predicted * rng.uniform(0.95, 1.05, 32)
+    sp = state_split(predicted, split_meas)
+    assert sp["split"] and sp["spread"] > 2.0 and len(sp["group_medians"]) == 4
+    ok = state_split(predicted, steady)
+    assert not ok["split"] and ok["spread"] < STATE_SPLIT_MAX
+    assert state_split(predicted[:5], split_meas[:5]) is None  # one group: nothing to compare
+    # validation records it, the trust check refuses the table naming the groups' range
+    report = validate_measured(t, archs, list(split_meas), list(steady), update_meta=True)
+    s = report["summary"]
+    assert s["state_split"]["vs_table"]["split"] and s["state_split"]["retest"]["split"]
+    problems = trust_problems(t, None)
+    assert len(problems) == 2 and "different speed states" in problems[0] and "hardware.threads=1" in problems[0]
+    validate_measured(t, archs, list(steady), list(steady * rng.uniform(0.98, 1.02, 32)), update_meta=True)
+    assert trust_problems(t, None) == []
