@@ -37,6 +37,30 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def peak_activation_bytes(module: nn.Module, input_shape: tuple[int, ...], bytes_per_value: int = 4) -> int:
+    """Peak activation memory of one forward at batch 1, estimated as MCUNet does for chain nets: the
+    largest input + output of any single layer (leaf module), in bytes. What a residual connection keeps
+    alive for its add is not counted, so it is a lower bound for nets with skips; it ranks nets by the
+    memory an inference engine that frees activations as it goes needs."""
+    peak = 0
+
+    def hook(mod, inputs, output) -> None:
+        nonlocal peak
+        n_in = sum(t.numel() for t in inputs if isinstance(t, torch.Tensor))
+        n_out = output.numel() if isinstance(output, torch.Tensor) else 0
+        peak = max(peak, n_in + n_out)
+
+    leaves = [m for m in module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            module.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return int(peak * bytes_per_value)
+
+
 def _analytic(space: SearchSpace, num_classes: int, measure, cls) -> CostModel:
     costs: dict[str, float] = {}
     fixed = sum(measure(m, shape) for m, shape in _fixed_modules(space, num_classes).values())

@@ -35,3 +35,34 @@ def plot_front(candidates: Sequence[Mapping[str, Any]], found: Mapping[str, Mapp
                     xytext=(3, -10), textcoords="offset points", color="C1" if mine else "k",
                     fontweight="bold" if mine else "normal")
     save_axes(fig, ax, path, f"predicted {kind} ({unit})" if unit else f"predicted {kind}", "arch-split accuracy (%)")
+
+
+def plot_size_fronts(candidates: Sequence[Mapping[str, Any]], path: Path, this: str | None = None) -> None:
+    """Arch-split accuracy of every candidate against its parameters and its peak activation memory
+    (batch 1, the largest input + output of any layer), each with its own Pareto front and the picks."""
+    if not candidates:
+        raise ValueError("no candidates to plot")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key, flag, xlabel, scale in ((axes[0], "params", "pareto_params", "parameters (thousands)", 1e-3),
+                                         (axes[1], "peak_activation_kb", "pareto_memory",
+                                          "peak activation memory, batch 1 (KiB)", 1.0)):
+        ax.scatter([scale * c[key] for c in candidates], [100 * c["score"] for c in candidates], s=9, c="0.65",
+                   label=f"candidates ({len(candidates)})")
+        front = sorted((c for c in candidates if c[flag]), key=lambda c: c[key])
+        ax.plot([scale * c[key] for c in front], [100 * c["score"] for c in front], "-o", ms=4, c="C3",
+                drawstyle="steps-post", label="Pareto front")
+        for c in candidates:
+            for label in c["picked_for"]:
+                mine = label == this
+                ax.plot([scale * c[key]], [100 * c["score"]], "*", ms=15 if mine else 11, c="C1" if mine else "C0",
+                        zorder=3)
+                ax.annotate(label, (scale * c[key], 100 * c["score"]), fontsize=7, xytext=(3, -10),
+                            textcoords="offset points", color="C1" if mine else "k")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("arch-split accuracy (%)")
+    fig.suptitle("evolution candidates: accuracy vs size (stars: each target's pick)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

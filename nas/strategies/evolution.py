@@ -37,11 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from nas.errors import UserError
-from nas.report.evolution_plots import plot_front
+from nas.latency.analytic import count_params, peak_activation_bytes
+from nas.report.evolution_plots import plot_front, plot_size_fronts
 from nas.strategies.base import SearchStrategy
 from nas.strategies.engine import CONSTRAINTS, METHODS, evolve
 from nas.strategies.predictor import KINDS, evolve_with_predictor
 from supernets.arch import Arch
+from supernets.blocks import space_timm_net
 from supernets.bn import calibrate_bn
 from supernets.slimmable import BN_MODES
 from supernets.space import SearchSpace
@@ -191,6 +193,7 @@ class EvolutionSearch(SearchStrategy):
             self.pretrained = {**info, "checkpoint": str(find_checkpoint(supernet_path))}
         self._datamodule = None
         self._scores: dict[Arch, float] = {}
+        self._sizes: dict[Arch, tuple[int, int]] = {}  # params, peak activation bytes
         self._found: dict[str, dict[str, Any]] | None = None
         self._rows: list[dict[str, Any]] = []
 
@@ -382,11 +385,21 @@ class EvolutionSearch(SearchStrategy):
         picked: dict[Arch, list[str]] = {}
         for label, f in (self._found or {}).items():
             picked.setdefault(f["arch"], []).append(label)
-        rows = [{"arch": dict(a.choices), "cost": float(self.cost_model.predict(a)), "score": s,
-                 "picked_for": picked.get(a, [])} for a, s in self._scores.items()]
-        front = set(pareto_front([(r["cost"], r["score"]) for r in rows]))
-        for i, r in enumerate(rows):
-            r["pareto"] = i in front
+        space = self.supernet.space
+        shape = (space.in_chans, space.resolution, space.resolution)
+        rows = []
+        for a, s in self._scores.items():
+            if a not in self._sizes:  # params and peak activation memory of the static net (once per candidate)
+                net = space_timm_net(space, a, self.supernet.num_classes)
+                self._sizes[a] = (count_params(net), peak_activation_bytes(net, shape))
+            params, peak = self._sizes[a]
+            rows.append({"arch": dict(a.choices), "cost": float(self.cost_model.predict(a)), "score": s,
+                         "params": params, "peak_activation_kb": round(peak / 1024, 2),
+                         "picked_for": picked.get(a, [])})
+        for key, flag in (("cost", "pareto"), ("params", "pareto_params"), ("peak_activation_kb", "pareto_memory")):
+            front = set(pareto_front([(r[key], r["score"]) for r in rows]))
+            for i, r in enumerate(rows):
+                r[flag] = i in front
         return rows
 
     def extra_plots(self, label: str | None = None, arch: Arch | None = None) -> dict[str, Callable]:
@@ -407,13 +420,19 @@ class EvolutionSearch(SearchStrategy):
         def write_csv(path: Path) -> None:
             buf = io.StringIO()
             w = csv.writer(buf)
-            w.writerow([f"cost_{unit or 'units'}", "score", "pareto", "picked_for", *self.decisions])
+            w.writerow([f"cost_{unit or 'units'}", "score", "pareto", "params", "peak_activation_kb", "pareto_params",
+                        "pareto_memory", "picked_for", *self.decisions])
             for r in sorted(cands, key=lambda r: r["cost"]):
-                w.writerow([f"{r['cost']:.6g}", f"{r['score']:.6f}", int(r["pareto"]), " ".join(r["picked_for"]),
-                            *(r["arch"][d] for d in self.decisions)])
+                w.writerow([f"{r['cost']:.6g}", f"{r['score']:.6f}", int(r["pareto"]), r["params"],
+                            f"{r['peak_activation_kb']:.2f}", int(r["pareto_params"]), int(r["pareto_memory"]),
+                            " ".join(r["picked_for"]), *(r["arch"][d] for d in self.decisions)])
             path.write_text(buf.getvalue())
 
         def plot(path: Path) -> None:
             plot_front(cands, found, path, unit, self.cost_model.kind, this=label)
 
-        return {"evolution.json": write_json, "evolution.csv": write_csv, "front.png": plot}
+        def plot_sizes(path: Path) -> None:
+            plot_size_fronts(cands, path, this=label)
+
+        return {"evolution.json": write_json, "evolution.csv": write_csv, "front.png": plot,
+                "front_params_memory.png": plot_sizes}

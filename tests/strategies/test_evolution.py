@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 import torch
 
 from nas.errors import UserError
@@ -114,6 +115,15 @@ def test_one_export_per_target_within_its_target_and_the_best_of_its_candidates(
     rows = list(csv.DictReader((run_dir / "export" / "t0.40" / "evolution.csv").open()))
     pts = [(float(r["cost_MFLOPs"]), float(r["score"])) for r in rows]
     assert {i for i, r in enumerate(rows) if r["pareto"] == "1"} == set(pareto_front(pts))
+    # params and peak activation memory of every candidate, with their own fronts; the picks' params are
+    # those of the exported net
+    for key, flag in (("params", "pareto_params"), ("peak_activation_kb", "pareto_memory")):
+        pts = [(float(r[key]), float(r["score"])) for r in rows]
+        assert {i for i, r in enumerate(rows) if r[flag] == "1"} == set(pareto_front(pts))
+    pick = next(r for r in rows if "t0.40" in r["picked_for"])
+    state = load_file(run_dir / "export" / "t0.40" / "model.safetensors")
+    assert int(pick["params"]) == sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)
+    assert (run_dir / "export" / "t0.40" / "front_params_memory.png").stat().st_size > 0
     assert len(rows) == len(record["candidates"]) <= 18
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
