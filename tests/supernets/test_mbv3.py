@@ -13,7 +13,9 @@ from timm.models import EfficientNet
 from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
 
 from nas.export import load_subnet, timm_kwargs, write_export
+from nas.latency.items import table_items
 from supernets.blocks import space_timm_net
+from supernets.bn import calibrate_bn
 from supernets.space import OpSpec, SearchSpace, SpaceError, parse_candidate, parse_op
 from supernets.supernet import Supernet
 from tests.helpers import TINY
@@ -113,8 +115,6 @@ OLD_FINGERPRINTS = {"mbv2_tiny": "1883facc4f95", "mbv2_tiny_slim": "d54faf330d6e
 
 @pytest.mark.parametrize("name", sorted(OLD_FINGERPRINTS))
 def test_older_spaces_keep_fingerprint_decisions_keys_and_arch_defs(name):
-    from nas.latency.items import table_items
-
     space = SearchSpace.from_yaml(CONF / f"{name}.yaml")
     assert space.fingerprint == OLD_FINGERPRINTS[name]
     assert not space.has_se and all(l.act == "relu6" for l in space.layers)
@@ -156,8 +156,6 @@ def test_se_with_widths_extracts_exactly(bn):
     space = SearchSpace.from_dict(SE_SLIM)
     net = _trained(space, 4, bn=bn)
     x = torch.randn(4, 3, 16, 16)
-    from supernets.bn import calibrate_bn
-
     for arch in _archs(space, 4):
         net.set_active(arch)
         if bn == "shared":  # one BN serves every width: exact only after recalibration
