@@ -292,7 +292,7 @@ class SearchSpace:
             head_chs=head_chs,
             act=act,
             in_chans=int(d.get("in_chans", 3)),
-            ops=ops,
+            ops=tuple(dict.fromkeys(op for sops in stage_ops for op in sops)),  # every op, in order of appearance
             spec_dict=_canonical(d),
             stage_widths=stage_widths,
         )
