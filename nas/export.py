@@ -30,7 +30,7 @@ from nas.errors import UserError
 from nas.io import export_onnx, usual_modes
 from nas.latency.analytic import count_flops
 from supernets.arch import Arch, ArchError
-from supernets.blocks import build_timm_net
+from supernets.blocks import SE_LAYER_DESC, build_timm_net
 from supernets.space import SearchSpace
 
 ARCH_FILE = "arch.yaml"
@@ -62,8 +62,13 @@ def count_model_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def timm_kwargs(space: SearchSpace) -> dict[str, Any]:
-    return {"stem_size": space.stem_chs, "num_features": space.head_chs, "act_layer": space.act,
-            "in_chans": space.in_chans}
+    """The ``timm.models.EfficientNet`` arguments besides the arch_def (``se_layer`` spelled out for spaces
+    with squeeze-excite: :func:`supernets.blocks.build_timm_net` always builds it)."""
+    out = {"stem_size": space.stem_chs, "num_features": space.head_chs, "act_layer": space.act,
+           "in_chans": space.in_chans}
+    if space.has_se:
+        out["se_layer"] = SE_LAYER_DESC
+    return out
 
 
 def write_export(out_dir: str | os.PathLike, *, space: SearchSpace, arch: Arch, model: nn.Module,

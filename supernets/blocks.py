@@ -1,5 +1,11 @@
 """Concrete blocks, built by timm's own EfficientNet builder so that a supernet candidate and the
-block of the exported timm EfficientNet are the same module class with the same arguments."""
+block of the exported timm EfficientNet are the same module class with the same arguments.
+
+Squeeze-excite (ops with ``_se``, block strings with ``_se0.25``) is timm's ``SqueezeExcite`` as
+MobileNetV3 configures it (:data:`SE_LAYER`: ReLU inside, hard-sigmoid gate, reduced channels
+rounded to multiples of 8), with the reduction taken from the block's input channels as timm's
+EfficientNet builder does (``rd = round_channels(mid * 0.25 / expand)``, i.e. ``in_chs / 4``).
+"""
 from __future__ import annotations
 
 from functools import partial
@@ -12,6 +18,7 @@ from timm.layers import (
     get_norm_act_layer,
 )
 from timm.models import EfficientNet
+from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models._efficientnet_builder import (
     EfficientNetBuilder,
     decode_arch_def,
@@ -20,7 +27,13 @@ from timm.models._efficientnet_builder import (
 
 from .space import BlockSpec, SearchSpace
 
-__all__ = ["make_block", "Stem", "Head", "build_timm_net", "act_layer"]
+__all__ = ["make_block", "Stem", "Head", "build_timm_net", "act_layer", "SE_LAYER", "se_channels"]
+
+#: the squeeze-excite of every SE block (supernet candidates, static subnets, exports)
+SE_LAYER = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU, rd_round_fn=round_channels)
+#: :data:`SE_LAYER` spelled out for the ``timm`` kwargs of an export's arch.yaml (spaces with SE only)
+SE_LAYER_DESC = ("functools.partial(timm.models._efficientnet_blocks.SqueezeExcite, gate_layer='hard_sigmoid', "
+                 "force_act_layer=torch.nn.ReLU, rd_round_fn=timm.models._efficientnet_builder.round_channels)")
 
 
 def act_layer(name: str):
@@ -34,9 +47,16 @@ def _round(chs, **kw):
     return round_channels(chs, multiplier=1.0, **kw)
 
 
-def make_block(spec: BlockSpec, act: str = "relu6") -> nn.Module:
-    """One timm block (InvertedResidual or DepthwiseSeparableConv) for ``spec``."""
-    builder = EfficientNetBuilder(round_chs_fn=_round, act_layer=act_layer(act), norm_layer=nn.BatchNorm2d)
+def se_channels(mid_chs: int, expand: int, se: float) -> int:
+    """Reduced channels of the SE of a block with ``mid_chs`` expanded channels (exactly timm's
+    arithmetic: the builder divides the ratio by the expansion, :data:`SE_LAYER` rounds)."""
+    return round_channels(mid_chs * (se / float(expand)))
+
+
+def make_block(spec: BlockSpec) -> nn.Module:
+    """One timm block (InvertedResidual or DepthwiseSeparableConv) for ``spec`` (its activation and SE)."""
+    builder = EfficientNetBuilder(round_chs_fn=_round, act_layer=act_layer(spec.act), norm_layer=nn.BatchNorm2d,
+                                  se_layer=SE_LAYER)
     (stage,) = builder(spec.in_chs, decode_arch_def([[spec.timm_str()]]))
     (block,) = stage
     return block
@@ -79,6 +99,7 @@ def build_timm_net(arch_def: list[list[str]], *, stem_chs: int, head_chs: int, n
         round_chs_fn=_round,
         act_layer=act_layer(act),
         norm_layer=partial(nn.BatchNorm2d),
+        se_layer=SE_LAYER,
     )
 
 

@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import make_divisible
 
-from .blocks import Head
-from .elastic import ElasticWeights, _bn_act
-from .space import Layer, parse_op
+from .blocks import Head, se_channels
+from .elastic import ElasticWeights, _bn_act, se_forward, se_state
+from .space import Layer
 
 BN_MODES = ("switchable", "shared")
 
@@ -67,11 +67,13 @@ class SlimCandidate(nn.Module):
     """Candidate ``op`` of a slimmable layer: width-sliced views of the shared weights plus BatchNorms
     (switchable: one per width; shared: one, sliced)."""
 
-    def __init__(self, shared: ElasticWeights, layer: Layer, op: str, act: str, bn: str = "switchable"):
+    def __init__(self, shared: ElasticWeights, layer: Layer, op: str, bn: str = "switchable"):
         super().__init__()
         if bn not in BN_MODES:
             raise ValueError(f"bn mode {bn!r} unknown; choose one of {', '.join(BN_MODES)}")
-        self.kernel, self.expand = parse_op(op)
+        spec = layer.spec(op)
+        act = spec.act
+        self.kernel, self.expand, self.se = spec.kernel, spec.expand, spec.se
         self.stride = layer.stride
         self.bn_mode = bn
         self.widths_in = tuple(layer.widths_in or (layer.in_chs,))
@@ -90,6 +92,10 @@ class SlimCandidate(nn.Module):
 
     def mid(self, in_chs: int) -> int:
         return make_divisible(in_chs * self.expand)
+
+    def rd(self, in_chs: int) -> int:
+        """Reduced channels of the SE at input width ``in_chs`` (0 without SE)."""
+        return se_channels(self.mid(in_chs), self.expand, self.se) if self.se else 0
 
     @property
     def out_width(self) -> int:
@@ -122,6 +128,8 @@ class SlimCandidate(nn.Module):
         y = sliced_bn_act(bn1, F.conv2d(x, pw))
         pad = ((self.stride - 1) + (self.kernel - 1)) // 2  # timm's symmetric padding
         y = sliced_bn_act(bn2, F.conv2d(y, dw, stride=self.stride, padding=pad, groups=pw.shape[0]))
+        if self.se:
+            y = se_forward(y, self._shared.se_weights(pw.shape[0], self.rd(cin)))
         y = sliced_bn_act(bn3, F.conv2d(y, pwl))
         # timm adds the residual wherever the shapes allow it, so the static net of these widths does too
         return y + shortcut if self.stride == 1 and cin == cout else y
@@ -130,6 +138,8 @@ class SlimCandidate(nn.Module):
         """State dict of timm's ``InvertedResidual(cin, cout, k, e)`` holding the leading channels."""
         pw, dw, pwl = self.weights(cin, cout)
         out = {"conv_pw.weight": pw, "conv_dw.weight": dw, "conv_pwl.weight": pwl}
+        if self.se:
+            out.update(se_state(self._shared.se_weights(self.mid(cin), self.rd(cin))))
         bns = self.bns(cin, cout)
         sizes = (self.mid(cin), self.mid(cin), cout)
         for name, bn, c in zip(("bn1", "bn2", "bn3"), bns, sizes):
@@ -212,6 +222,10 @@ def reorder_channels(supernet, by: str = "l1") -> dict[str, list[int]]:
         w.conv_pw.copy_(w.conv_pw[idx])
         w.conv_dw.copy_(w.conv_dw[idx])
         w.conv_pwl.copy_(w.conv_pwl[:, idx])
+        if hasattr(w, "se_reduce"):  # the SE reads and gates the expanded channels
+            w.se_reduce.copy_(w.se_reduce[:, idx])
+            w.se_expand.copy_(w.se_expand[idx])
+            w.se_expand_bias.copy_(w.se_expand_bias[idx])
         for cand in m.candidates:
             if isinstance(cand, SlimCandidate):
                 for which in ("bn1", "bn2"):

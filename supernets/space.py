@@ -2,7 +2,16 @@
 
 A space is plain data (``conf/space/<name>.yaml``): a stem, one fixed first block, stages of
 searchable layers, and a head. Each searchable layer is one *decision* whose choices are MBConv
-candidates (``k{kernel}_e{expand}``) plus ``zero`` (skip the layer) where the layer keeps its shape.
+candidates plus ``zero`` (skip the layer) where the layer keeps its shape.
+
+Op grammar: ``k{kernel}_e{expand}[_se][_{act}]``: ``k5_e6`` (MobileNetV2 style), ``k3_e4_se`` (with
+squeeze-excite, ratio 0.25 of the block's input channels as timm's ``_se0.25``), ``k5_e6_se_hs`` (and
+hard-swish instead of the stage's activation). ``act`` is one of timm's block activation codes
+(:data:`ACT_CODES`: ``re`` relu, ``r6`` relu6, ``hs`` hard_swish, ``sw`` swish, ``mi`` mish). An op
+without an activation code runs the activation of its stage (a stage's ``act``, else the space's
+``act``, which also serves the stem, the fixed first block and the head). A stage may list its own
+``ops`` (MobileNetV3: no SE and ReLU early, SE and h-swish late); the space's ``ops`` serve the rest.
+A space that uses none of this has exactly the decisions, fingerprint and block keys it had before.
 
 Widths (optional): ``widths: [0.5, 0.75, 1.0]`` (multipliers of every stage's ``channels``, rounded
 to multiples of ``width_divisor``, 8 by default) or a stage's own ``widths: [16, 24]`` (channel
@@ -28,7 +37,15 @@ import yaml
 from .arch import Arch, ArchError
 
 ZERO = "zero"
-_OP_RE = re.compile(r"^k(\d+)_e(\d+)$")
+_OP_RE = re.compile(r"^k(\d+)_e(\d+)(_se)?(?:_([a-z0-9]+))?$")
+#: timm's block activation codes (the ``n`` token of a block string) and the activations they name
+ACT_CODES = {"re": "relu", "r6": "relu6", "hs": "hard_swish", "sw": "swish", "mi": "mish"}
+ACT_NAMES = {v: k for k, v in ACT_CODES.items()}
+#: squeeze-excite ratio of an op with ``_se`` (of the block's input channels, timm's ``_se0.25``)
+SE_RATIO = 0.25
+#: the activation a :class:`BlockSpec` runs unless told otherwise (every space before per-op
+#: activations used it; block keys name the activation only when it differs)
+DEFAULT_ACT = "relu6"
 _WIDTH_RE = re.compile(r"^c(\d+)$")
 WIDTH_SUFFIX = ".width"
 
@@ -63,12 +80,37 @@ class SpaceError(ValueError):
     """The space description itself is malformed."""
 
 
+@dataclass(frozen=True)
+class OpSpec:
+    """An op choice spelled out: ``k5_e6_se_hs`` -> kernel 5, expand 6, SE on, hard_swish."""
+
+    kernel: int
+    expand: int
+    se: bool = False
+    act: str | None = None  # None: the stage's activation
+
+
+def parse_candidate(op: str) -> OpSpec:
+    """``"k5_e6_se_hs"`` -> ``OpSpec(5, 6, True, "hard_swish")`` (see the module docstring)."""
+    m = _OP_RE.match(str(op))
+    if not m or (m.group(4) is not None and m.group(4) not in ACT_CODES):
+        raise SpaceError(f"op {op!r} is not of the form k<kernel>_e<expand>[_se][_<act>] with act one of "
+                         f"{', '.join(ACT_CODES)} (e.g. k3_e6, k5_e4_se, k5_e6_se_hs) or 'zero'")
+    act = ACT_CODES[m.group(4)] if m.group(4) else None
+    return OpSpec(int(m.group(1)), int(m.group(2)), bool(m.group(3)), act)
+
+
 def parse_op(op: str) -> tuple[int, int]:
-    """``"k5_e6"`` -> ``(5, 6)``."""
-    m = _OP_RE.match(op)
-    if not m:
-        raise SpaceError(f"op {op!r} is not of the form k<kernel>_e<expand> (e.g. k3_e6) or 'zero'")
-    return int(m.group(1)), int(m.group(2))
+    """``"k5_e6"`` (or ``"k5_e6_se_hs"``) -> ``(5, 6)``: kernel and expand."""
+    c = parse_candidate(op)
+    return c.kernel, c.expand
+
+
+def op_size(op: str) -> tuple[int, int, int]:
+    """Order of ops by size: expand x kernel area, then SE, then a costlier activation than ReLU
+    (used for the largest / smallest architecture)."""
+    c = parse_candidate(op)
+    return c.expand * c.kernel ** 2, int(c.se), int(c.act not in (None, "relu", "relu6"))
 
 
 def conv_out(size: int, stride: int) -> int:
@@ -87,6 +129,8 @@ class BlockSpec:
     expand: int
     stride: int
     in_size: int  # input height == width
+    se: float = 0.0  # squeeze-excite ratio of the input channels (0: none)
+    act: str = DEFAULT_ACT  # the block's activation
 
     @property
     def skip(self) -> bool:
@@ -96,11 +140,19 @@ class BlockSpec:
     def out_size(self) -> int:
         return conv_out(self.in_size, self.stride)
 
-    def timm_str(self) -> str:
-        """The block as a timm arch-def string (decoded by ``decode_arch_def``)."""
+    def timm_str(self, net_act: str | None = None) -> str:
+        """The block as a timm arch-def string (decoded by ``decode_arch_def``): ``_se0.25`` with SE,
+        ``_nhs`` (the activation's code) when the block's activation differs from ``net_act``, the
+        activation the net is built with (``None``: no code; the builder sets it)."""
         if self.type == "ds":
-            return f"ds_r1_k{self.kernel}_s{self.stride}_c{self.out_chs}"
-        return f"ir_r1_k{self.kernel}_s{self.stride}_e{self.expand}_c{self.out_chs}"
+            out = f"ds_r1_k{self.kernel}_s{self.stride}_c{self.out_chs}"
+        else:
+            out = f"ir_r1_k{self.kernel}_s{self.stride}_e{self.expand}_c{self.out_chs}"
+        if self.se:
+            out += f"_se{self.se:g}"
+        if net_act is not None and self.act != net_act:
+            out += f"_n{ACT_NAMES[self.act]}"
+        return out
 
     def key(self) -> str:
         """A key naming every field that changes the block's cost (used by latency tables)."""
@@ -122,6 +174,7 @@ class Layer:
     stride: int
     in_size: int
     choices: tuple[str, ...]
+    act: str = DEFAULT_ACT  # the stage's activation (ops without an activation code run it)
     # width candidates of the input and output channels (empty: fixed at in_chs / out_chs, which are
     # then the widest); in_chs / out_chs are always the largest
     widths_in: tuple[int, ...] = ()
@@ -131,9 +184,9 @@ class Layer:
         """The block for candidate ``op`` (``None`` for ``zero``) at the given widths (default: widest)."""
         if op == ZERO:
             return None
-        k, e = parse_op(op)
-        return BlockSpec("ir", int(in_chs or self.in_chs), int(out_chs or self.out_chs), k, e, self.stride,
-                         self.in_size)
+        c = parse_candidate(op)
+        return BlockSpec("ir", int(in_chs or self.in_chs), int(out_chs or self.out_chs), c.kernel, c.expand,
+                         self.stride, self.in_size, SE_RATIO if c.se else 0.0, c.act or self.act)
 
     def width_pairs(self) -> list[tuple[int, int]]:
         """Every (input, output) channel pair this layer can run at."""
@@ -166,15 +219,27 @@ class SearchSpace:
             stem = dict(d["stem"])
             first = dict(d.get("first", {"channels": stem["channels"], "kernel": 3}))
             stages = [dict(s) for s in d["stages"]]
-            ops = tuple(str(o) for o in d["ops"])
+            if "ops" not in d and not (stages and all("ops" in st for st in stages)):
+                raise KeyError("ops")  # required unless every stage lists its own
+            ops = tuple(str(o) for o in d.get("ops", ()))
             head_chs = int(d["head"]["channels"])
         except KeyError as e:
             raise SpaceError(f"space description lacks the key {e}; see conf/space/mbv2_tiny.yaml") from None
         allow_zero = bool(d.get("zero", True))
-        for op in ops:
-            parse_op(op)
-        if len(set(ops)) != len(ops) or not ops:
-            raise SpaceError(f"space {name!r}: ops must be a non-empty list without repeats, got {list(ops)}")
+        act = str(d.get("act", DEFAULT_ACT))
+        stage_ops = [tuple(str(o) for o in st["ops"]) if "ops" in st else ops for st in stages]
+        stage_acts = [str(st.get("act", act)) for st in stages]
+        for si, (sops, sact) in enumerate(zip(stage_ops, stage_acts), start=1):
+            where = f"space {name!r}" + (f" stage {si}" if "ops" in stages[si - 1] else "")
+            if len(set(sops)) != len(sops) or not sops:
+                raise SpaceError(f"{where}: ops must be a non-empty list without repeats, got {list(sops)}")
+            if sact != act and sact not in ACT_NAMES:
+                raise SpaceError(f"space {name!r} stage {si}: act {sact!r} unknown; a stage's act is one of "
+                                 f"{', '.join(ACT_NAMES)} (timm block strings name only these)")
+            resolved = [(parse_op(op), parse_candidate(op).se, parse_candidate(op).act or sact) for op in sops]
+            if len(set(resolved)) != len(resolved):
+                raise SpaceError(f"{where}: ops {list(sops)} name the same block twice (an activation code equal "
+                                 f"to the stage's act {sact!r} is the op without it)")
         chans = [int(stem["channels"]), int(first["channels"]), head_chs] + [int(s["channels"]) for s in stages]
         if any(c % 8 for c in chans):
             raise SpaceError(f"space {name!r}: channel counts must be multiples of 8, got {chans}")
@@ -186,7 +251,8 @@ class SearchSpace:
             stages = [{**st, "channels": max(ws)} for st, ws in zip(stages, stage_widths)]
         size = conv_out(res, 2)
         stem_chs = int(stem["channels"])
-        first_spec = BlockSpec("ds", stem_chs, int(first["channels"]), int(first.get("kernel", 3)), 1, 1, size)
+        first_spec = BlockSpec("ds", stem_chs, int(first["channels"]), int(first.get("kernel", 3)), 1, 1, size,
+                               act=act)
         in_chs = first_spec.out_chs
         in_widths: tuple[int, ...] = ()
         layers: list[Layer] = []
@@ -203,14 +269,15 @@ class SearchSpace:
                 # zero (skip) only where the shape is kept, and never for a stage's first layer, so
                 # every stage keeps at least one block (as in ProxylessNAS)
                 zero_ok = allow_zero and li > 0 and s == 1 and in_chs == out
-                choices = ops + ((ZERO,) if zero_ok else ())
+                choices = stage_ops[si - 1] + ((ZERO,) if zero_ok else ())
+                sact = stage_acts[si - 1]
                 if stage_widths:
                     w_out = stage_widths[si - 1]
-                    layers.append(Layer(f"s{si}.l{li}", si, li, in_chs, out, s, size, choices,
+                    layers.append(Layer(f"s{si}.l{li}", si, li, in_chs, out, s, size, choices, sact,
                                         in_widths or (in_chs,), w_out))
                     in_widths = w_out
                 else:
-                    layers.append(Layer(f"s{si}.l{li}", si, li, in_chs, out, s, size, choices))
+                    layers.append(Layer(f"s{si}.l{li}", si, li, in_chs, out, s, size, choices, sact))
                 size = conv_out(size, s)
                 in_chs = out
         if total_stride > 32:
@@ -223,9 +290,9 @@ class SearchSpace:
             layers=tuple(layers),
             stage_layers=tuple(counts),
             head_chs=head_chs,
-            act=str(d.get("act", "relu6")),
+            act=act,
             in_chans=int(d.get("in_chans", 3)),
-            ops=ops,
+            ops=tuple(dict.fromkeys(op for sops in stage_ops for op in sops)),  # every op, in order of appearance
             spec_dict=_canonical(d),
             stage_widths=stage_widths,
         )
@@ -361,15 +428,13 @@ class SearchSpace:
 
     def largest(self, num_classes: int) -> Arch:
         """Every layer at its biggest op (largest kernel x expand, never zero)."""
-        key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731  expand x kernel area
-        choices = {l.name: max((c for c in l.choices if c != ZERO), key=key) for l in self.layers}
+        choices = {l.name: max((c for c in l.choices if c != ZERO), key=op_size) for l in self.layers}
         choices.update({width_decision(si): width_choice(max(ws)) for si, ws in enumerate(self.stage_widths, 1)})
         return self.make_arch(choices, num_classes)
 
     def smallest(self, num_classes: int) -> Arch:
         """Every layer at zero where allowed, else its smallest op."""
-        key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731
-        choices = {l.name: ZERO if ZERO in l.choices else min(l.choices, key=key) for l in self.layers}
+        choices = {l.name: ZERO if ZERO in l.choices else min(l.choices, key=op_size) for l in self.layers}
         choices.update({width_decision(si): width_choice(min(ws)) for si, ws in enumerate(self.stage_widths, 1)})
         return self.make_arch(choices, num_classes)
 
@@ -385,7 +450,12 @@ class SearchSpace:
 
     def arch_def(self, arch: Arch) -> list[list[str]]:
         """timm arch_def (list of stages of block strings) of the static net for ``arch``."""
-        return [[b.timm_str() for b in stage] for stage in self.block_specs(arch)]
+        return [[b.timm_str(self.act) for b in stage] for stage in self.block_specs(arch)]
+
+    @property
+    def has_se(self) -> bool:
+        """Whether any op of the space carries squeeze-excite."""
+        return any(parse_candidate(op).se for layer in self.layers for op in layer.choices if op != ZERO)
 
 
 def _parse_widths(name: str, d: Mapping[str, Any], stages: list[dict]) -> tuple[tuple[int, ...], ...]:

@@ -15,7 +15,7 @@ from timm.models._efficientnet_builder import efficientnet_init_weights
 
 from .arch import Arch
 from .blocks import Head, Stem, make_block, space_timm_net
-from .elastic import ElasticCandidate, ElasticWeights
+from .elastic import ElasticCandidate, ElasticWeights, layer_se_rd
 from .mixed import GATE_MODES, PHASES, MixedOp
 from .slimmable import BN_MODES, SlimCandidate, SlimHead
 from .space import ZERO, Layer, SearchSpace, parse_op, width_choice
@@ -49,7 +49,7 @@ class Supernet(nn.Module):
         self.space = space
         self.num_classes = int(num_classes)
         self.stem = Stem(space.in_chans, space.stem_chs, space.act)
-        stages: list[nn.Module] = [nn.Sequential(make_block(space.first, space.act))]
+        stages: list[nn.Module] = [nn.Sequential(make_block(space.first))]
         for n in space.stage_layers:
             stages.append(nn.ModuleList())
         for layer in space.layers:
@@ -73,13 +73,13 @@ class Supernet(nn.Module):
         shared = None
         if self.weight_sharing == "elastic":
             shared = ElasticWeights(layer.in_chs, layer.out_chs, max(parse_op(o)[0] for o in ops),
-                                    max(parse_op(o)[1] for o in ops))
+                                    max(parse_op(o)[1] for o in ops), layer_se_rd(layer))
             if self.space.has_widths:
-                make = lambda op: SlimCandidate(shared, layer, op, self.space.act, self.bn_mode)  # noqa: E731
+                make = lambda op: SlimCandidate(shared, layer, op, self.bn_mode)  # noqa: E731
             else:
-                make = lambda op: ElasticCandidate(shared, layer, op, self.space.act)  # noqa: E731
+                make = lambda op: ElasticCandidate(shared, layer, op)  # noqa: E731
         else:
-            make = lambda op: make_block(layer.spec(op), self.space.act)  # noqa: E731
+            make = lambda op: make_block(layer.spec(op))  # noqa: E731
         cands = [nn.Identity() if op == ZERO else make(op) for op in layer.choices]
         return MixedOp(layer.choices, cands, shared)
 

@@ -47,6 +47,7 @@ from nas.export import (
     load_subnet,
     read_arch_file,
     save_weights,
+    timm_kwargs,
 )
 from nas.io import export_onnx, usual_modes, write_json
 from nas.training import RetrainModule
@@ -124,9 +125,7 @@ def check_arch_file(export_dir: Path) -> tuple[Any, dict]:
                      f"{expected[i] if i < len(expected) else 'nothing'})")
         raise UserError(f"{arch_file}: arch_def does not match its choices in space {space.name!r}{where}; the "
                         f"network is built from arch_def, so edit both together, or re-export with nas-search")
-    # as nas.export.timm_kwargs(space)
-    timm = {"stem_size": space.stem_chs, "num_features": space.head_chs, "act_layer": space.act,
-            "in_chans": space.in_chans}
+    timm = timm_kwargs(space)
     if raw.get("timm") != timm:
         raise UserError(f"{arch_file}: timm {raw.get('timm')} does not match space {space.name!r} "
                         f"({timm}); re-export it with nas-search")

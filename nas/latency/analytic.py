@@ -65,7 +65,7 @@ def _analytic(space: SearchSpace, num_classes: int, measure, cls) -> CostModel:
     costs: dict[str, float] = {}
     fixed = sum(measure(m, shape) for m, shape in _fixed_modules(space, num_classes).values())
     for key, spec in _block_items(space).items():
-        costs[key] = measure(make_block(spec, space.act), (spec.in_chs, spec.in_size, spec.in_size))
+        costs[key] = measure(make_block(spec), (spec.in_chs, spec.in_size, spec.in_size))
     layer_costs = {
         layer.name: [0.0 if op == ZERO else costs[entry_key(layer.spec(op))] for op in layer.choices]
         for layer in space.layers

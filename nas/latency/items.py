@@ -2,7 +2,9 @@
 
 A table entry is keyed by every field that changes a block's cost (:func:`entry_key`: block type,
 input H x W x C, output channels, kernel, expand, stride, skip, and any further field of
-:class:`~supernets.space.BlockSpec`).
+:class:`~supernets.space.BlockSpec` such as squeeze-excite and the activation, named whenever it
+differs from the field's default, so that adding a field never changes the keys of existing spaces).
+The stem and head keys name the space's activation when it is not relu6.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch.nn as nn
 
 from supernets.arch import Arch
 from supernets.blocks import Head, Stem, make_block, space_timm_net
-from supernets.space import ZERO, BlockSpec, SearchSpace
+from supernets.space import DEFAULT_ACT, ZERO, BlockSpec, SearchSpace
 
 _KEY_FIELDS = ("type", "in_chs", "out_chs", "kernel", "expand", "stride", "in_size")
 
@@ -23,14 +25,28 @@ def entry_key(spec: BlockSpec) -> str:
     """The table key of a block: every field that changes its cost.
 
     ``ir:in8x8x16:out24:k5:e6:s2:skip0`` (type, input H x W x C, output channels, kernel, expand,
-    stride, skip). Any further field a :class:`BlockSpec` may carry (e.g. a width multiplier or an
-    activation) is appended as ``:<name>=<value>``, so two specs that differ anywhere never collide.
+    stride, skip). Any further field a :class:`BlockSpec` carries (squeeze-excite, the activation,
+    a field added later) is appended as ``:<name>=<value>`` unless it holds the field's default
+    (``ir:in8x8x16:out24:k5:e6:s2:skip0:se=0.25:act=hard_swish``), so two specs that differ anywhere
+    never collide and the keys of blocks without the new fields stay as they were.
     """
     key = spec.key()
-    for f in dataclasses.fields(spec):
-        if f.name not in _KEY_FIELDS:
-            key += f":{f.name}={getattr(spec, f.name)}"
+    for name, value in _extra_fields(spec).items():
+        key += f":{name}={value}"
     return key
+
+
+def _extra_fields(spec: BlockSpec) -> dict[str, Any]:
+    """The fields beyond :data:`_KEY_FIELDS` that differ from their defaults."""
+    out = {}
+    for f in dataclasses.fields(spec):
+        if f.name in _KEY_FIELDS:
+            continue
+        value = getattr(spec, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        if default is dataclasses.MISSING or value != default:
+            out[f.name] = value
+    return out
 
 
 def entry_fields(spec: BlockSpec) -> dict[str, Any]:
@@ -40,10 +56,12 @@ def entry_fields(spec: BlockSpec) -> dict[str, Any]:
         "out_h": spec.out_size, "out_w": spec.out_size, "out_c": spec.out_chs, "kernel": spec.kernel,
         "expand": spec.expand, "stride": spec.stride, "skip": bool(spec.skip),
     }
-    for f in dataclasses.fields(spec):
-        if f.name not in _KEY_FIELDS:
-            d[f.name] = getattr(spec, f.name)
+    d.update(_extra_fields(spec))
     return d
+
+
+def _act_suffix(space: SearchSpace) -> str:
+    return "" if space.act == DEFAULT_ACT else f":act={space.act}"
 
 
 def _fixed_parts(space: SearchSpace, num_classes: int) -> dict[str, tuple[str, nn.Module, tuple[int, ...], dict]]:
@@ -51,12 +69,12 @@ def _fixed_parts(space: SearchSpace, num_classes: int) -> dict[str, tuple[str, n
     r, f = space.resolution, space.first
     fs = space.final_size
     return {
-        "stem": (f"stem:in{r}x{r}x{space.in_chans}:out{space.stem_chs}",
+        "stem": (f"stem:in{r}x{r}x{space.in_chans}:out{space.stem_chs}{_act_suffix(space)}",
                  Stem(space.in_chans, space.stem_chs, space.act), (space.in_chans, r, r),
                  {"block": "stem", "in_h": r, "in_w": r, "in_c": space.in_chans, "out_c": space.stem_chs,
                   "kernel": 3, "stride": 2}),
-        "first": (entry_key(f), make_block(f, space.act), (f.in_chs, f.in_size, f.in_size), entry_fields(f)),
-        "head": (f"head:in{fs}x{fs}x{space.last_chs}:f{space.head_chs}:cls{num_classes}",
+        "first": (entry_key(f), make_block(f), (f.in_chs, f.in_size, f.in_size), entry_fields(f)),
+        "head": (head_key(space, space.last_chs, num_classes),
                  Head(space.last_chs, space.head_chs, num_classes, space.act), (space.last_chs, fs, fs),
                  {"block": "head", "in_h": fs, "in_w": fs, "in_c": space.last_chs, "features": space.head_chs,
                   "classes": num_classes}),
@@ -65,7 +83,7 @@ def _fixed_parts(space: SearchSpace, num_classes: int) -> dict[str, tuple[str, n
 
 def head_key(space: SearchSpace, in_chs: int, num_classes: int) -> str:
     fs = space.final_size
-    return f"head:in{fs}x{fs}x{in_chs}:f{space.head_chs}:cls{num_classes}"
+    return f"head:in{fs}x{fs}x{in_chs}:f{space.head_chs}:cls{num_classes}{_act_suffix(space)}"
 
 
 def _head_width_parts(space: SearchSpace, num_classes: int) -> dict[int, tuple[str, nn.Module, tuple[int, ...], dict]]:
@@ -109,7 +127,7 @@ def table_items(space: SearchSpace, num_classes: int) -> dict[str, dict[str, Any
     for key, module, shape, fields in _head_width_parts(space, num_classes).values():
         items.setdefault(key, {"module": module, "input_shape": tuple(shape), "role": "head_width", "fields": fields})
     for key, spec in _block_items(space).items():
-        items.setdefault(key, {"module": make_block(spec, space.act),
+        items.setdefault(key, {"module": make_block(spec),
                                "input_shape": (spec.in_chs, spec.in_size, spec.in_size),
                                "role": "block", "fields": entry_fields(spec)})
     return items

@@ -51,7 +51,7 @@ from nas.strategies.base import SearchStrategy
 from supernets.arch import Arch
 from supernets.bn import calibrate_bn
 from supernets.slimmable import BN_MODES, reorder_channels
-from supernets.space import SearchSpace, parse_op, width_choice, width_decision
+from supernets.space import SearchSpace, op_size, width_choice, width_decision
 from supernets.supernet import Supernet
 
 OPS_MODES = ("largest", "smallest", "search")
@@ -288,7 +288,7 @@ class SlimmableSearch(SearchStrategy):
         self.grad_clip = grad_clip
         self.calib_batches = int(calib_batches)
         self.eval_batches = int(eval_batches) if eval_batches else None
-        key = lambda op: parse_op(op)[1] * parse_op(op)[0] ** 2  # noqa: E731  expand x kernel area
+        key = op_size  # expand x kernel area, then SE, then a costlier activation
         self.search_ops = ops == "search"
         self.ops = ops
         pick = min if ops == "smallest" else max

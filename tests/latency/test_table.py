@@ -69,6 +69,7 @@ def hand_table(space: SearchSpace, num_classes: int = 3, **meta) -> LatencyTable
 BASE = BlockSpec("ir", in_chs=16, out_chs=16, kernel=3, expand=3, stride=1, in_size=8)
 VARIANTS = {
     "type": "ds", "in_chs": 24, "out_chs": 24, "kernel": 5, "expand": 6, "stride": 2, "in_size": 16,
+    "se": 0.25, "act": "hard_swish",
 }
 
 
