@@ -179,6 +179,14 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     if len(seeds) < 2:
         raise UserError(f"search.seeds={seeds}: paired intervals need at least 2 seeds, e.g. search.seeds=[0,1,2]")
     space = make_space(cfg.space)
+    if not any(all(op in layer.choices for layer in space.layers) for op in space.ops):
+        raise UserError(f"suite=search compares with the uniformly scaled net (one op in every layer), and no op of "
+                        f"space={space.name} is a choice of every layer; use a space whose layers share an op, e.g. "
+                        f"space=mbv2_tiny")
+    if space.has_widths:
+        raise UserError(f"suite=search does not handle width decisions yet (its uniform and random baselines draw "
+                        f"ops only); space={space.name} has widths: use an op-only space such as space=mbv2_tiny, "
+                        f"or suite=slimmable for widths")
     device = make_device(cfg.hardware)
     threads = int(s.get("threads") or 1)
     torch.set_num_threads(threads)

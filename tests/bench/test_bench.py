@@ -214,6 +214,15 @@ def test_search_statistics():
     assert t975(2) == 4.303 and t975(11) == 2.228
 
 
+@pytest.mark.parametrize("space,words", [("mbv3_tiny", "no op of space=mbv3_tiny is a choice of every layer"),
+                                         ("mbv2_tiny_slim", "does not handle width decisions")])
+def test_search_suite_refuses_spaces_it_cannot_compare_in_one_line(space, words):
+    from nas.apps.bench import run_search
+
+    with pytest.raises(UserError, match=words):
+        run_search(_bench_cfg([f"space={space}"]), Path("."))
+
+
 @pytest.mark.parametrize("size,words", [("10", "must be an integer >= 20"), ("100", "has none")])
 def test_search_proxy_subset_mistakes_stop_in_one_line(size, words):
     from nas.apps.bench import run_search
