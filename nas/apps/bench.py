@@ -41,6 +41,7 @@ from nas.apps.common import (
 from nas.bench import memory as bm
 from nas.bench import search as bs
 from nas.bench import slimmable as bsl
+from nas.bench import speed as bspeed
 from nas.bench import tabular as tb
 from nas.errors import UserError
 from nas.io import atomic_write_text, json_default
@@ -52,7 +53,7 @@ from nas.strategies.engine import evolve
 
 #: ``suite=all`` runs these (tabular only with tabular.path); ``slimmable`` (long) runs only when named
 SUITES = ("memory", "lut", "search", "tabular")
-EXTRA_SUITES = ("slimmable",)
+EXTRA_SUITES = ("slimmable", "speed")
 RESULTS_FILE = "bench.json"
 MARKDOWN_FILE = "bench.md"
 
@@ -283,8 +284,18 @@ def run_tabular(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     return res, tb.markdown(res)
 
 
+def run_speed(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
+    """Samples/s of the training step under each speed option (fp32, bf16, channels_last, compile)."""
+    sp = cfg.speed
+    res = bspeed.run_speed_suite(make_space(cfg.space), num_classes=int(sp.num_classes), batch_size=int(sp.batch_size),
+                                 threads=int(sp.threads), options=list(sp.options), nets=list(sp.nets),
+                                 warmup=int(sp.warmup), rounds=int(sp.rounds), seed=int(cfg.seed), log=_log)
+    return res, bspeed.markdown(res)
+
+
 RUNNERS: dict[str, Callable[[DictConfig, Path], tuple[dict[str, Any], str]]] = {
-    "memory": run_memory, "lut": run_lut, "search": run_search, "slimmable": run_slimmable, "tabular": run_tabular}
+    "memory": run_memory, "lut": run_lut, "search": run_search, "slimmable": run_slimmable, "tabular": run_tabular,
+    "speed": run_speed}
 
 
 def _metric(results: dict[str, Any]) -> float:

@@ -332,3 +332,36 @@ def test_slimmable_suite_is_a_nas_bench_suite(tmp_path):
     assert [f["label"] for f in searched] == ["t0.60"] and searched[0]["cost"] <= searched[0]["target"] + 1e-9
     assert "`nas-bench suite=slimmable " in results["markdown_slimmable"]
     assert "| x0.25 |" in (tmp_path / "bench.md").read_text()
+
+
+# ---------------------------------------------------------------------- speed
+def test_speed_suite_times_every_option_and_each_step_trains(tmp_path):
+    """nas-bench suite=speed on the tiny space: every (net, option) timed in the same rounds, fp32 is
+    1.0x of itself, and each option's step really trains (its loss falls over a few steps on one batch)."""
+    import math
+
+    from nas.apps.bench import run_bench
+    from nas.bench import speed as bsp
+    from nas.bench.memory import make_batch
+    from supernets.space import SearchSpace
+
+    space = SearchSpace.from_yaml(REPO / "conf" / "space" / "mbv2_tiny.yaml")
+    batch = make_batch(space, 10, 16, 0)
+    path = space.largest(10)
+    for net in bsp.NETS:
+        for option in ("fp32", "bf16", "channels_last"):
+            step = bsp.build_train_step(net, option, space, 10, path, batch)
+            losses = [step() for _ in range(6)]
+            assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], (net, option, losses)
+    cfg = _bench_cfg(["suite=speed", f"out={tmp_path}", "speed.batch_size=8", "speed.rounds=2", "speed.warmup=1",
+                      "speed.threads=1", "speed.options=[fp32,bf16]"])
+    run_bench(cfg)
+    res = json.loads((tmp_path / "bench.json").read_text())["speed"]
+    assert {(r["net"], r["option"]) for r in res["rows"]} == {(n, o) for n in bsp.NETS for o in ("fp32", "bf16")}
+    for r in res["rows"]:
+        assert r["samples_per_s"] > 0 and r["samples_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3))
+        if r["option"] == "fp32":
+            assert r["speedup_vs_fp32"] == pytest.approx(1.0)
+    assert set(res["fastest"]) == set(bsp.NETS) and "samples/s" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(UserError, match="unknown options"):
+        run_bench(_bench_cfg(["suite=speed", f"out={tmp_path}", "speed.options=[fp8]"]))
