@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import TINY_LUT, TINY_SEARCH, AppRun, run_app
 
@@ -32,6 +33,18 @@ def _isolate(mp: pytest.MonkeyPatch, cache: Path, outputs: Path) -> None:
 def hwnas_env(monkeypatch, tmp_path_factory):
     """Every test: its own latency-table cache and outputs root, W&B disabled."""
     _isolate(monkeypatch, tmp_path_factory.mktemp("hwnas-cache"), tmp_path_factory.mktemp("hwnas-outputs"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch in this process on one thread (tiny nets on a shared 2-core machine: two spinning OpenMP
+    threads are several times slower than one), for a whole module (its module-scoped fixtures included);
+    the count is restored afterwards. Test modules ask for it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -30,14 +30,7 @@ TINY_EVOLUTION = ("strategy=evolution", "strategy.epochs=1", "+trainer.limit_tra
                   "strategy.module.calib_batches=2", "progress=none", "hardware.threads=1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Torch in this process on one thread: two spinning OpenMP threads on a shared 2-core machine are
-    several times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pareto_front_keeps_what_nothing_beats():

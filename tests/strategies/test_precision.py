@@ -24,12 +24,7 @@ from tests.helpers import TINY, TinyData, random_table
 TINY_SLIM = {**TINY, "name": "tiny_slim", "widths": [0.5, 1.0]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
