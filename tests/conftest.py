@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 
 from tests.helpers import TINY_LUT, TINY_SEARCH, AppRun, run_app
 
@@ -33,6 +34,14 @@ def _isolate(mp: pytest.MonkeyPatch, cache: Path, outputs: Path) -> None:
 def hwnas_env(monkeypatch, tmp_path_factory):
     """Every test: its own latency-table cache and outputs root, W&B disabled."""
     _isolate(monkeypatch, tmp_path_factory.mktemp("hwnas-cache"), tmp_path_factory.mktemp("hwnas-outputs"))
+
+
+@pytest.fixture(autouse=True)
+def no_hydra_context_leak():
+    """A test that sets Hydra's job context (``HydraConfig.instance().set_config``) must not hand it to the
+    next: the apps take their run folder from it (a later nas-lut test wrote into another test's folder)."""
+    yield
+    HydraConfig.instance().cfg = None
 
 
 @pytest.fixture(scope="module")

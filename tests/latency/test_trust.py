@@ -222,9 +222,12 @@ def test_ctrl_c_while_nas_search_builds_its_table(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HWNAS_CACHE": str(cache)}
+    # a suite started in the background (`make test &`) inherits SIGINT ignored, and Python then installs no
+    # Ctrl-C handler: the child gets the default disposition, as a user's terminal gives it
     proc = subprocess.Popen([sys.executable, "-m", "nas.apps.search", "hardware.threads=1", "progress=none",
                              f"hydra.run.dir={tmp_path / 'run'}"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
             if line.startswith("building latency table"):
