@@ -168,13 +168,8 @@ def evolve_with_predictor(decisions: Mapping[str, Sequence[str]], score: Callabl
 
         guided = evolve(decisions, predicted, cost, budget, floor=floor, queries=search_queries,
                         seed=seed + 1000 * (r + 1), **engine)
-        ranked = sorted((q for q in guided.history if key(q.arch) not in true), key=lambda q: (-q.score, q.index))
-        picks = []
-        for q in ranked:
-            if key(q.arch) not in {key(p.arch) for p in picks}:
-                picks.append(q)
-            if len(picks) == want:
-                break
+        # the engine's history holds each architecture once (a repeat is not a query): no dedup needed
+        picks = sorted((q for q in guided.history if key(q.arch) not in true), key=lambda q: (-q.score, q.index))[:want]
         before = len(history)
         for q in picks:
             score_true(dict(q.arch), "predicted")
