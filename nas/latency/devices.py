@@ -70,7 +70,7 @@ from nas.errors import UserError
 from nas.io import export_onnx
 from nas.latency.build import check_trusted, load_or_build_table
 from nas.latency.hardware import REGISTRY, Hardware, register_hardware
-from nas.latency.measure import measure_modules, measure_timed
+from nas.latency.measure import REFERENCE_KEY, measure_modules, measure_timed
 from nas.latency.table import LatencyTable
 from supernets.arch import Arch
 from supernets.space import SearchSpace
@@ -90,8 +90,6 @@ __all__ = [
 #: Names accepted by :func:`build_device`, one per file in ``conf/hardware/``.
 DEVICE_NAMES: tuple[str, ...] = ("cpu", "onnxruntime", "cuda")
 
-#: Key of the reference's own statistics in the dict returned by :meth:`Device.measure`.
-REFERENCE_KEY = "__reference__"
 
 #: Input shape (without the batch dimension) of :func:`reference_module`.
 REFERENCE_INPUT_SHAPE: tuple[int, ...] = (16, 16, 16)

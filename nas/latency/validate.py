@@ -27,7 +27,7 @@ from rich.table import Table
 
 from nas.io import atomic_write_text
 from nas.latency.items import validation_archs
-from nas.latency.measure import NET_GROUP, clean_fraction, measure_archs
+from nas.latency.measure import NET_GROUP, STATE_TOL, clean_fraction, measure_archs
 from nas.latency.table import LatencyTable
 
 matplotlib.use("Agg")
@@ -167,6 +167,11 @@ def validate_table(table: LatencyTable, device, *, samples: int = 100, seed: int
     if device.timed:
         summary["load_avg"] = _load_avg()
         summary["clean_fraction"] = clean_fraction({str(i): d for i, d in enumerate(details)})
+        refs = [d for d in details if "attempts" in d]  # one per group of nets (measure_groups)
+        if refs:
+            summary["groups"] = len(refs)
+            summary["groups_measured_again"] = sum(int(d["attempts"]) > 1 for d in refs)
+            summary["groups_left_slow"] = sum(float(d.get("state", 1.0)) > 1.0 + STATE_TOL for d in refs)
         table_ref = table.meta.get("reference_ms")
         if details and table_ref:
             # the reference of the first validation group (nets are measured in groups of NET_GROUP)
@@ -247,6 +252,10 @@ def print_report(report: Mapping[str, Any], console=None, max_rows: int = 12) ->
         console.print(f"machine load average after validation (1/5/15 min): {s['load_avg']}"
                       + (f"; {100 * s['clean_fraction']:.0f}% of the timed calls ran uninterrupted"
                          if s.get("clean_fraction") is not None else ""))
+    if s.get("groups_measured_again"):
+        console.print(f"{s['groups_measured_again']} of {s['groups']} groups of nets ran in a slow state of the "
+                      f"machine (their reference block > {100 * STATE_TOL:.0f}% slower than the fastest) and were "
+                      f"measured again; {s.get('groups_left_slow', 0)} stayed slow")
     busy_warning(s.get("clean_fraction"), console.print)
     drift_warning(s.get("reference_drift_pct"), console.print)
     for which, sp in (s.get("state_split") or {}).items():

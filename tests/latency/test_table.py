@@ -383,3 +383,44 @@ def test_whole_nets_are_measured_in_small_groups_in_order():
     dev2 = Recorder()
     assert measure_timed(space, archs, dev2, group=None) == [2.0, 4.0, 6.0, 8.0, 10.0]
     assert len(dev2.calls) == 1
+
+
+def test_a_group_caught_in_a_slow_state_is_measured_again_and_the_fastest_attempt_kept():
+    """A group whose reference ran > 10 % slower than the fastest group's ran in a slow state of the
+    machine (on ONNX Runtime the nets then slow more than the reference, so the ratio is off): it is
+    measured again after the other groups, up to the retry limit, keeping the fastest attempt; a lone
+    group is compared with the table's own reference."""
+    from nas.latency.measure import STATE_RETRIES, measure_groups
+
+    class Scripted:
+        """Group ``g``'s ``k``-th attempt: reference ms ``refs[g][k]`` (the last one repeats), ratio = ref."""
+
+        def __init__(self, refs):
+            self.refs, self.calls = refs, []
+
+        def measure(self, items, progress=False, desc="", **kw):
+            g = int(next(iter(items))[1:])
+            k = sum(1 for c in self.calls if c == g)
+            self.calls.append(g)
+            ref = self.refs[g][min(k, len(self.refs[g]) - 1)]
+            return {**{n: {"ratio": ref, "median_ms": ref} for n in items}, "__reference__": {"median_ms": ref}}
+
+    groups = [{f"g{g}": None} for g in range(4)]
+    # group 1 slow once, group 2 slow twice then fast, group 3 slow every time
+    dev = Scripted([[1.0], [1.5, 1.0], [1.3, 1.4, 1.02], [1.6, 1.5, 1.7, 1.45, 1.9]])
+    res = measure_groups(dev, groups, desc="x")
+    assert dev.calls[:4] == [0, 1, 2, 3]  # every group once before any is measured again
+    assert dev.calls.count(0) == 1 and dev.calls.count(1) == 2 and dev.calls.count(2) == 3
+    assert dev.calls.count(3) == 1 + STATE_RETRIES
+    refs = [r["__reference__"]["median_ms"] for r in res]
+    assert refs == [1.0, 1.0, 1.02, 1.45]  # the fastest attempt of each
+    assert [r["__reference__"]["attempts"] for r in res] == [1, 2, 3, 1 + STATE_RETRIES]
+    assert res[3]["__reference__"]["state"] == 1.45  # still slow: recorded, for the validation to see
+    # a lone group has only the table's reference to compare with
+    lone = Scripted([[1.3, 1.0]])
+    (r,) = measure_groups(lone, [{"g0": None}], desc="x", reference_ms=1.0)
+    assert lone.calls == [0, 0] and r["__reference__"]["median_ms"] == 1.0
+    # ... but many groups on a day the whole machine runs slower than its table are not re-measured
+    slower = Scripted([[1.2], [1.21], [1.19]])
+    measure_groups(slower, [{f"g{g}": None} for g in range(3)], desc="x", reference_ms=1.0)
+    assert slower.calls == [0, 1, 2]

@@ -46,6 +46,25 @@ def test_uniform_and_greedy_meet_their_targets_and_greedy_records_each_target_on
     assert g["t0.80"]["trace"] == g["t0.50"]["trace"][: g["t0.80"]["steps"] + 1]
 
 
+def test_greedy_refines_the_step_that_crosses_a_target_to_the_widest_count_under_it():
+    """A coarse step (half a group at once) crosses a target just under the full model by far more than
+    needed: the export takes the widest channel count between the step's two ends that meets the target,
+    and the count one multiple wider does not."""
+    c = _cands()
+    (full,) = c.measure([c.full()])
+    t = 0.97 * full
+    found = search_greedy(c, {"t0.97": t}, step=0.5, log=lambda _: None)["t0.97"]
+    coarse = found["trace"][-1]
+    name = coarse["thinned"]
+    assert found["refined"] and found["steps"] == 1
+    k = found["plan"][name]
+    assert coarse["keep"] < k < c.full()[name] and k % c.round_to == 0
+    assert coarse["cost"] < found["cost"] <= t
+    assert {g: v for g, v in found["plan"].items() if g != name} == {g: v for g, v in c.full().items() if g != name}
+    (wider,) = c.measure([{**found["plan"], name: k + c.round_to}])
+    assert wider > t
+
+
 def test_the_group_table_is_exact_on_one_group_plans_and_validated_on_random_ones():
     c = _cands()
     table = GroupLatencyTable(c, n_levels=3)
