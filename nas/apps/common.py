@@ -440,10 +440,27 @@ def check_precision(precision: Any, accelerator: Any) -> str:
 
 
 def trainer_kwargs(cfg) -> dict[str, Any]:
+    """``cfg.trainer`` as ``pl.Trainer`` arguments (hwnas's own keys, such as ``channels_last``, left out:
+    :func:`trainer_callbacks` turns them into callbacks)."""
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kw.pop("channels_last", None)
     kw["precision"] = check_precision(kw.get("precision", "32-true"), kw.get("accelerator", "auto"))
     kw["enable_progress_bar"] = resolve_progress(check_progress(cfg.get("progress", "auto"))) != "none"
     return kw
+
+
+def check_channels_last(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"trainer.channels_last={value!r}: true (train in NHWC memory format, faster on CPUs with "
+                        f"oneDNN and on GPUs) or false")
+    return value
+
+
+def trainer_callbacks(cfg) -> list:
+    """The callbacks ``cfg.trainer``'s own keys ask for (``channels_last``)."""
+    from nas.training import ChannelsLast
+
+    return [ChannelsLast()] if check_channels_last(cfg.trainer.get("channels_last", False)) else []
 
 
 def training_record(cfg) -> dict[str, Any]:
@@ -451,6 +468,7 @@ def training_record(cfg) -> dict[str, Any]:
     t = cfg.trainer
     return {"accelerator": str(t.get("accelerator", "auto")), "devices": t.get("devices"),
             "precision": check_precision(t.get("precision", "32-true"), t.get("accelerator", "auto")),
+            "channels_last": check_channels_last(t.get("channels_last", False)),
             "num_workers": int(cfg.data.get("num_workers", 0) or 0),
             "pin_memory": uses_cuda(t.get("accelerator", "auto"))}
 

@@ -32,6 +32,7 @@ from nas.apps.common import (
     instantiate,
     make_device,
     make_logger,
+    trainer_callbacks,
     trainer_kwargs,
 )
 from nas.apps.progress import progress_callbacks
@@ -168,7 +169,8 @@ def _fit(net: nn.Module, datamodule, cfg: DictConfig, *, epochs: int, lr: float,
     if resume_from:
         print(f"resuming from {last}")
     trainer = pl.Trainer(**kw, logger=make_logger(cfg.get("logger")),
-                         callbacks=[ckpt, *progress_callbacks(cfg.progress)], default_root_dir=str(root))
+                         callbacks=[ckpt, *progress_callbacks(cfg.progress), *trainer_callbacks(cfg)],
+                         default_root_dir=str(root))
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), val_dataloaders=datamodule.val_dataloader(),
                 ckpt_path=resume_from)
     val = trainer.callback_metrics.get("val/acc")

@@ -31,6 +31,7 @@ from nas.apps.common import (
     console_main,
     make_datamodule,
     make_logger,
+    trainer_callbacks,
     trainer_kwargs,
     training_record,
 )
@@ -179,7 +180,8 @@ def run_retrain(cfg: DictConfig) -> float:
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True,
                                         monitor="val/acc", mode="max", save_top_k=1)
     trainer = pl.Trainer(**trainer_kwargs(cfg), logger=make_logger(cfg.get("logger")),
-                         callbacks=[ckpt, *progress_callbacks(cfg.progress)], default_root_dir=str(out_dir))
+                         callbacks=[ckpt, *progress_callbacks(cfg.progress), *trainer_callbacks(cfg)],
+                         default_root_dir=str(out_dir))
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), val_dataloaders=datamodule.val_dataloader())
     if not trainer.is_global_zero:
         return 0.0

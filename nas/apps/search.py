@@ -30,6 +30,7 @@ from nas.apps.common import (
     make_datamodule,
     make_logger,
     make_space,
+    trainer_callbacks,
     trainer_kwargs,
     training_record,
 )
@@ -206,7 +207,8 @@ def run_search(cfg: DictConfig) -> float:
                   + f"; run folder {run_dir}")
             ckpt = checkpoint_callback(ckpt_dir, cfg.checkpoint)
             trainer = pl.Trainer(**trainer_kwargs(cfg), logger=logger,
-                                 callbacks=[ckpt, *progress_callbacks(cfg.progress)], default_root_dir=str(run_dir))
+                                 callbacks=[ckpt, *progress_callbacks(cfg.progress), *trainer_callbacks(cfg)],
+                                 default_root_dir=str(run_dir))
             if getattr(module, "pretrained", None):  # a supernet trained by an earlier run: search only
                 module.train_loaders(datamodule)
                 print(f"supernet from {module.pretrained['checkpoint']}: no training")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping
 
 import torch.nn as nn
@@ -88,6 +89,11 @@ STATE_TOL = 0.10
 STATE_RETRIES = 3
 
 
+#: Seconds that must pass between a group's attempts, times the attempt number (2, 4, 6 s). A slow state
+#: lasts seconds: in a call of many groups the others fill that time, but a lone export of one net
+#: measured again at once (0.5 s an attempt on ONNX Runtime) stayed in the same state every time.
+RETRY_GAP_S = 2.0
+
 #: With fewer groups than this, a call has too little to compare its groups' references with: the
 #: table's own reference ms (``reference_ms``) joins them. Not with more: a machine that runs 15 %
 #: slower today than the day its table was built would have every group measured again.
@@ -101,12 +107,14 @@ def _ref_ms(res: Mapping[str, Any]) -> float:
 def measure_groups(device, groups: list[dict[str, tuple[nn.Module, tuple[int, ...]]]], *, desc: str,
                    reference_ms: float | None = None, progress: bool = False, rel_ci: float | None = None,
                    max_repeats: int | None = None, max_seconds: float | None = None, warm_calls: int = 0,
-                   retries: int = STATE_RETRIES, tol: float = STATE_TOL) -> list[dict[str, dict[str, Any]]]:
+                   retries: int = STATE_RETRIES, tol: float = STATE_TOL,
+                   retry_gap: float = RETRY_GAP_S) -> list[dict[str, dict[str, Any]]]:
     """Measure each group of items in reference alternation (one :meth:`Device.measure` per group), and
     measure again every group whose reference ran more than ``tol`` slower than the fastest reference of
     this call (or than ``reference_ms``, the table's, when there are fewer than ``FEW_GROUPS`` groups), up
     to ``retries`` more times; per group the attempt
-    with the fastest reference is kept. Each group's reference statistics gain ``state`` (its reference
+    with the fastest reference is kept; a group's attempts are at least ``retry_gap`` x the attempt number
+    seconds apart (a slow state lasts seconds). Each group's reference statistics gain ``state`` (its reference
     ms over the fastest) and ``attempts``."""
     n = len(groups)
     per_group = None if max_seconds is None else max_seconds / max(1, n)
@@ -118,7 +126,17 @@ def measure_groups(device, groups: list[dict[str, tuple[nn.Module, tuple[int, ..
         return _measure(device, groups[i], progress=progress, desc=label, rel_ci=rel_ci,
                         max_repeats=max_repeats, max_seconds=per_group, warm_calls=warm_calls)
 
-    results = [run(i, 0) for i in range(n)]
+    ended = [0.0] * n
+
+    def timed_run(i: int, attempt: int) -> dict[str, dict[str, Any]]:
+        wait = ended[i] + retry_gap * attempt - time.monotonic()
+        if attempt and wait > 0:
+            time.sleep(wait)
+        res = run(i, attempt)
+        ended[i] = time.monotonic()
+        return res
+
+    results = [timed_run(i, 0) for i in range(n)]
     attempts = [1] * n
 
     def fastest() -> float:
@@ -133,7 +151,7 @@ def measure_groups(device, groups: list[dict[str, tuple[nn.Module, tuple[int, ..
         if not slow:
             break
         for i in slow:
-            again = run(i, attempt)
+            again = timed_run(i, attempt)
             attempts[i] += 1
             if _ref_ms(again) < _ref_ms(results[i]):
                 results[i] = again

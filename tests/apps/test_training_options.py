@@ -109,3 +109,50 @@ def test_precision_is_checked_before_any_work(app, tmp_path, monkeypatch, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: trainer.precision=16-mixed needs a CUDA GPU") and err.count("\n") == 1, err
+
+
+def test_channels_last_is_on_by_default_and_trains_the_same_net_in_nhwc_then_hands_it_back_contiguous():
+    """``trainer.channels_last`` (default true) converts the weights to NHWC for fit only: during training
+    every 4-D weight is channels-last, afterwards contiguous again (safetensors needs that), and the
+    weights trained are those of the same training in NCHW (same seed, same batches) up to float
+    rounding."""
+    from nas.apps.common import trainer_callbacks
+    from nas.training import ChannelsLast
+
+    cfg = _compose()
+    assert "channels_last" not in trainer_kwargs(cfg)
+    assert [type(c) for c in trainer_callbacks(cfg)] == [ChannelsLast]
+    assert trainer_callbacks(_compose("trainer.channels_last=false")) == []
+    with pytest.raises(UserError, match="trainer.channels_last='yes'"):
+        trainer_callbacks(_compose("trainer.channels_last=yes"))
+
+    space = SearchSpace.from_dict(TINY)
+    arch = space.largest(4)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, space.resolution, space.resolution, generator=g),
+                         torch.randint(0, 4, (32,), generator=g))
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(all(p.is_contiguous(memory_format=torch.channels_last)
+                            for p in pl_module.parameters() if p.dim() == 4))
+
+    def train(callbacks):
+        torch.manual_seed(0)
+        module = RetrainModule(space_timm_net(space, arch, 4), lr=0.05)
+        pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=callbacks).fit(module, DataLoader(data, batch_size=8))
+        return module
+
+    nhwc = train([ChannelsLast(), Watch()])
+    assert seen and all(seen)
+    convs = [p for p in nhwc.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous() for p in convs)
+    nchw = train([])
+    for (name, a), b in zip(nhwc.state_dict().items(), nchw.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-3), name
+    torch.manual_seed(0)
+    init = space_timm_net(space, arch, 4).state_dict()
+    assert any(not torch.allclose(a, init[k.removeprefix("net.")]) for k, a in nhwc.state_dict().items()
+               if a.dim() == 4)  # it trained

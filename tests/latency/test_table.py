@@ -408,7 +408,7 @@ def test_a_group_caught_in_a_slow_state_is_measured_again_and_the_fastest_attemp
     groups = [{f"g{g}": None} for g in range(4)]
     # group 1 slow once, group 2 slow twice then fast, group 3 slow every time
     dev = Scripted([[1.0], [1.5, 1.0], [1.3, 1.4, 1.02], [1.6, 1.5, 1.7, 1.45, 1.9]])
-    res = measure_groups(dev, groups, desc="x")
+    res = measure_groups(dev, groups, desc="x", retry_gap=0)
     assert dev.calls[:4] == [0, 1, 2, 3]  # every group once before any is measured again
     assert dev.calls.count(0) == 1 and dev.calls.count(1) == 2 and dev.calls.count(2) == 3
     assert dev.calls.count(3) == 1 + STATE_RETRIES
@@ -418,8 +418,14 @@ def test_a_group_caught_in_a_slow_state_is_measured_again_and_the_fastest_attemp
     assert res[3]["__reference__"]["state"] == 1.45  # still slow: recorded, for the validation to see
     # a lone group has only the table's reference to compare with
     lone = Scripted([[1.3, 1.0]])
-    (r,) = measure_groups(lone, [{"g0": None}], desc="x", reference_ms=1.0)
+    (r,) = measure_groups(lone, [{"g0": None}], desc="x", reference_ms=1.0, retry_gap=0.05)
     assert lone.calls == [0, 0] and r["__reference__"]["median_ms"] == 1.0
+    # a lone group's attempts are spaced in time (a slow state lasts seconds)
+    import time as _time
+
+    t0 = _time.monotonic()
+    measure_groups(Scripted([[1.5, 1.5, 1.0]]), [{"g0": None}], desc="x", reference_ms=1.0, retry_gap=0.1)
+    assert _time.monotonic() - t0 >= 0.1 + 0.2
     # ... but many groups on a day the whole machine runs slower than its table are not re-measured
     slower = Scripted([[1.2], [1.21], [1.19]])
     measure_groups(slower, [{f"g{g}": None} for g in range(3)], desc="x", reference_ms=1.0)
