@@ -53,10 +53,14 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def _trainer(epochs: int, *, validate: bool, accelerator: str = "cpu", precision: str = "32-true"):
+def _trainer(epochs: int, *, validate: bool, accelerator: str = "cpu", precision: str = "32-true",
+             channels_last: bool = True):
     import pytorch_lightning as pl
 
+    from nas.training import ChannelsLast
+
     return pl.Trainer(max_epochs=int(epochs), accelerator=accelerator, precision=precision, devices=1, logger=False,
+                      callbacks=[ChannelsLast()] if channels_last else [],
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0, log_every_n_steps=50,
                       **({} if validate else {"limit_val_batches": 0}))
@@ -111,7 +115,8 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
 
 # ---------------------------------------------------------------------- retraining
 def retrain(space, arch, datamodule, *, epochs: int, seed: int, lr: float = 0.05,
-            label_smoothing: float = 0.1, accelerator: str = "cpu", precision: str = "32-true") -> dict[str, float]:
+            label_smoothing: float = 0.1, accelerator: str = "cpu", precision: str = "32-true",
+            channels_last: bool = True) -> dict[str, float]:
     """Train ``arch`` from scratch (timm net, RetrainModule, SGD + cosine) and evaluate it."""
     import pytorch_lightning as pl
 
@@ -123,7 +128,7 @@ def retrain(space, arch, datamodule, *, epochs: int, seed: int, lr: float = 0.05
     pl.seed_everything(int(seed), workers=True, verbose=False)
     net = space_timm_net(space, arch, datamodule.num_classes)
     module = RetrainModule(net, lr=lr, label_smoothing=label_smoothing)
-    _trainer(epochs, validate=False, accelerator=accelerator, precision=precision).fit(
+    _trainer(epochs, validate=False, accelerator=accelerator, precision=precision, channels_last=channels_last).fit(
         module, train_dataloaders=datamodule.train_dataloader())
     net = module.net.cpu().eval()
     return {"val_acc": evaluate(net, datamodule.val_dataloader()),
@@ -165,7 +170,7 @@ class Retrainer:
         self.space, self.dm = space, datamodule
         self.epochs, self.seeds = int(epochs), [int(s) for s in seeds]
         self.kw = dict(epochs=self.epochs, lr=float(lr), label_smoothing=float(label_smoothing),
-                       accelerator=accelerator, precision=precision)
+                       accelerator=accelerator, precision=precision, channels_last=True)
         self.jobs, self.threads = max(1, int(jobs)), max(1, int(threads))
         self.log = log
         self.runs: dict[tuple, dict[str, Any]] = {}  # (arch key, seed) -> result

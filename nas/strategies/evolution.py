@@ -123,7 +123,7 @@ class EvolutionSearch(SearchStrategy):
                  weight_lr: float = 0.05, weight_momentum: float = 0.9, weight_decay: float = 4e-5,
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0, bn: str = "switchable",
                  calib_batches: int = 20, eval_batches: int | None = None, queries: int = 100,
-                 min_fraction: float | None = 0.9, engine: Mapping[str, Any] | None = None, seed: int | None = None,
+                 min_fraction: float | None = 0.95, engine: Mapping[str, Any] | None = None, seed: int | None = None,
                  supernet_path: str | None = None, predictor: Mapping[str, Any] | None = None):
         space: SearchSpace = supernet.space
         if sampling not in SAMPLING:
