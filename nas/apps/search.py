@@ -37,7 +37,7 @@ from nas.apps.common import (
 from nas.apps.progress import progress_callbacks
 from nas.errors import UserError
 from nas.export import count_model_flops, count_params, evaluate, write_export
-from nas.latency.measure import measure_archs
+from nas.latency.measure import STATE_TOL, measure_archs
 from nas.report.plots import plot_choice_probs, plot_cost_curve
 from nas.report.tracking import (
     log_choice_probs,
@@ -57,8 +57,13 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
     val_acc = evaluate(sub, datamodule.val_dataloader())
     predicted = cost_model.predict(arch)
     measured = None
+    details: list[dict[str, Any]] = []
     if cfg.export.measure:
-        (measured,) = measure_archs(space, [arch], device, reference_ms=cost_model.meta.get("reference_ms"))
+        (measured,) = measure_archs(space, [arch], device, reference_ms=cost_model.meta.get("reference_ms"),
+                                    details=details)
+    # the machine's state during the measurement: the reference block's time over the table's (> 1.1: a
+    # slow state that every re-measurement met too, so the measured ms reads high)
+    state = {k: details[-1][k] for k in ("state", "attempts") if details and k in details[-1]}
     miss_pct, within = target_miss(measured, target)
     shape = (space.in_chans, space.resolution, space.resolution)
     report = {
@@ -73,6 +78,7 @@ def export_arch(label: str, arch, *, module, space, datamodule, device, cost_mod
             "measured": measured,
             "target": target,
             "miss_pct": miss_pct,
+            **({"measurement_state": state} if state else {}),
             "within_target": within,
             "device": device.name,
             "device_fingerprint": device.fingerprint_id(),
@@ -143,10 +149,14 @@ def print_summary(reports: list[dict[str, Any]], total_seconds: float, unit: str
     console.print(table)
     for r in missed:
         lat = r["latency_ms"]
+        state = (lat.get("measurement_state") or {}).get("state", 1.0)
+        why = (f"the machine ran in a slow state through all {lat['measurement_state'].get('attempts')} attempts "
+               f"(the reference block {state:.2f}x its fastest), so this reads high: measure the export again "
+               f"later" if state > 1.0 + STATE_TOL else
+               "the latency table does not match this device now (rebuild it on a quiet machine with "
+               "lut.rebuild=true), or the machine was busy while measuring")
         print(f"warning: export {r['label']} was measured at {lat['measured']:.3f} {unit}, {lat['miss_pct']:.0f}% over "
-              f"its target {lat['target']:.3f} {unit} (predicted {lat['predicted']:.3f}): the latency table does not "
-              f"match this device now (rebuild it on a quiet machine with lut.rebuild=true), or the machine was "
-              f"busy while measuring")
+              f"its target {lat['target']:.3f} {unit} (predicted {lat['predicted']:.3f}): {why}")
     width = max(len(r["label"]) for r in reports)
     for r in reports:
         print(f"export {r['label']:<{width}}  {r['dir']}")
