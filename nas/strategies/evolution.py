@@ -63,13 +63,14 @@ def soft_cross_entropy(logits: torch.Tensor, teacher_probs: torch.Tensor) -> tor
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points ``(cost, score)`` no other point beats (cost no higher and score no lower,
-    one of them strictly), by increasing cost."""
+    one of them strictly), by increasing cost. Equal points do not beat each other: all of them are on
+    the front or none (so the front does not depend on the order the points come in)."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], float("-inf")
     for i in order:
-        if points[i][1] > best:
+        if points[i][1] > best or (front and tuple(points[i]) == tuple(points[front[-1]])):
             front.append(i)
-            best = points[i][1]
+            best = max(best, points[i][1])
     return front
 
 

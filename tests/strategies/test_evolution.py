@@ -36,6 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_pareto_front_keeps_what_nothing_beats():
     pts = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (3.0, 0.7), (4.0, 0.9), (0.5, 0.1)]
     assert pareto_front(pts) == [5, 0, 2, 4]
+    # equal points do not beat each other: both are on the front, whichever comes first
+    tied = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.7), (3.0, 0.6)]
+    assert pareto_front(tied) == [0, 1, 2] and set(pareto_front(tied[::-1])) == {3, 2, 1}
 
 
 def test_sandwich_trains_largest_smallest_and_random_archs_over_every_decision():
