@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from nas.apps.common import (
+    check_channels_last,
     check_epochs,
     check_progress,
     console_main,
@@ -113,6 +114,7 @@ def resolve_targets(targets: Any, full: float, smallest: float, unit: str, *, fr
 def _check_options(cfg: DictConfig) -> dict[str, Any]:
     s, r = cfg.strategy, cfg.recovery
     check_progress(cfg.get("progress", "auto"))
+    check_channels_last(cfg.trainer.get("channels_last", False))
     check_choice("resume", cfg.get("resume"), ("auto", "never"),
                  "auto: a restarted run continues from what its folder holds")
     check_choice("strategy.criterion", s.criterion, CRITERIA)

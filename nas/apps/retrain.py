@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nas.apps.common import (
     CONF_DIR,
+    check_channels_last,
     check_epochs,
     check_precision,
     check_progress,
@@ -144,6 +145,7 @@ def run_retrain(cfg: DictConfig) -> float:
     epochs = check_epochs(cfg.epochs, "epochs")
     check_progress(cfg.get("progress", "auto"))
     check_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    check_channels_last(cfg.trainer.get("channels_last", False))
     export_dir = Path(str(cfg.arch)).expanduser()
     if not export_dir.exists():
         raise UserError(f"arch={export_dir} does not exist; pass the export folder of a search, e.g. "

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nas.apps.common import (
+    check_channels_last,
     check_epochs,
     check_precision,
     check_progress,
@@ -168,6 +169,7 @@ def run_search(cfg: DictConfig) -> float:
     # ---- everything a user can get wrong is checked here, before any training
     check_progress(cfg.get("progress", "auto"))
     check_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    check_channels_last(cfg.trainer.get("channels_last", False))
     if "epochs" in cfg.strategy:
         check_epochs(cfg.strategy.epochs, "strategy.epochs")
     run_dir = Path(cfg.export.dir).parent

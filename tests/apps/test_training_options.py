@@ -87,16 +87,21 @@ def test_retrain_in_bf16_learns_and_exports_fp32_weights_that_load_back(tmp_path
         assert torch.allclose(load_subnet(out)(x[:8]), net(x[:8]), atol=1e-5)
 
 
-@pytest.mark.parametrize("app", ["search", "retrain"])
-def test_precision_is_checked_before_any_work(app, tmp_path, monkeypatch, capsys):
-    """``nas-search`` refuses ``16-mixed`` on a CPU before it builds a latency table or loads data,
-    ``nas-retrain`` before it reads the export."""
+@pytest.mark.parametrize("app, option, message", [
+    ("search", "trainer.precision=16-mixed", "error: trainer.precision=16-mixed needs a CUDA GPU"),
+    ("retrain", "trainer.precision=16-mixed", "error: trainer.precision=16-mixed needs a CUDA GPU"),
+    ("search", "trainer.channels_last=yes", "error: trainer.channels_last='yes': true"),
+    ("retrain", "trainer.channels_last=yes", "error: trainer.channels_last='yes': true"),
+])
+def test_training_options_are_checked_before_any_work(app, option, message, tmp_path, monkeypatch, capsys):
+    """``nas-search`` refuses ``16-mixed`` on a CPU (or a channels_last that is not a boolean) before it
+    builds a latency table or loads data, ``nas-retrain`` before it reads the export."""
     def no_work(*args, **kw):
         raise AssertionError("work started before the precision was checked")
 
     monkeypatch.setattr(search_app, "make_cost_model", no_work)
     monkeypatch.setattr(search_app, "make_datamodule", no_work)
-    overrides = ["trainer.precision=16-mixed", "progress=none"]
+    overrides = [option, "progress=none"]
     if app == "retrain":
         overrides.append(f"arch={tmp_path / 'not-read'}")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -108,7 +113,7 @@ def test_precision_is_checked_before_any_work(app, tmp_path, monkeypatch, capsys
         user_errors(search_app.run_search if app == "search" else run_retrain)(cfg)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: trainer.precision=16-mixed needs a CUDA GPU") and err.count("\n") == 1, err
+    assert err.startswith(message) and err.count("\n") == 1, err
 
 
 def test_channels_last_is_on_by_default_and_trains_the_same_net_in_nhwc_then_hands_it_back_contiguous():
