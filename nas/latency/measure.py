@@ -96,6 +96,9 @@ STATE_RETRIES = 5
 #: measured again at once (0.5 s an attempt on ONNX Runtime) stayed in the same state every time.
 RETRY_GAP_S = 2.0
 
+#: The least time re-measurements may take in one call (the first pass's time when that is longer).
+RETRY_BUDGET_S = 30.0
+
 #: With fewer groups than this, a call has too little to compare its groups' references with: the
 #: table's own reference ms (``reference_ms``) joins them. Not with more: a machine that runs 15 %
 #: slower today than the day its table was built would have every group measured again.
@@ -138,8 +141,13 @@ def measure_groups(device, groups: list[dict[str, tuple[nn.Module, tuple[int, ..
         ended[i] = time.monotonic()
         return res
 
+    t0 = time.monotonic()
     results = [timed_run(i, 0) for i in range(n)]
     attempts = [1] * n
+    # re-measurement takes at most as long as the first pass (at least RETRY_BUDGET_S): on a machine whose
+    # load keeps moving, every group can look slow, and a measurement must not grow six-fold for it
+    budget = max(time.monotonic() - t0, RETRY_BUDGET_S)
+    spent = 0.0
 
     def fastest() -> float:
         refs = [_ref_ms(r) for r in results]
@@ -153,7 +161,11 @@ def measure_groups(device, groups: list[dict[str, tuple[nn.Module, tuple[int, ..
         if not slow:
             break
         for i in slow:
+            if spent >= budget:
+                break
+            t1 = time.monotonic()
             again = timed_run(i, attempt)
+            spent += time.monotonic() - t1
             attempts[i] += 1
             if _ref_ms(again) < _ref_ms(results[i]):
                 results[i] = again
