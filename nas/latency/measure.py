@@ -91,8 +91,8 @@ STATE_TOL = 0.10
 STATE_RETRIES = 5
 
 
-#: Seconds that must pass between a group's attempts, times the attempt number (2, 4, ... 10 s: 30 s in all). A slow state
-#: lasts seconds: in a call of many groups the others fill that time, but a lone export of one net
+#: Seconds that must pass between a group's attempts, times the attempt number (2, 4, ... 10 s: 30 s in
+#: all). A slow state lasts seconds: in a call of many groups the others fill that time, but a lone export of one net
 #: measured again at once (0.5 s an attempt on ONNX Runtime) stayed in the same state every time.
 RETRY_GAP_S = 2.0
 
@@ -117,32 +117,28 @@ def measure_groups(device, groups: list[dict[str, tuple[nn.Module, tuple[int, ..
     """Measure each group of items in reference alternation (one :meth:`Device.measure` per group), and
     measure again every group whose reference ran more than ``tol`` slower than the fastest reference of
     this call (or than ``reference_ms``, the table's, when there are fewer than ``FEW_GROUPS`` groups), up
-    to ``retries`` more times; per group the attempt
-    with the fastest reference is kept; a group's attempts are at least ``retry_gap`` x the attempt number
-    seconds apart (a slow state lasts seconds). Each group's reference statistics gain ``state`` (its reference
-    ms over the fastest) and ``attempts``."""
+    to ``retries`` more times, within a time budget; per group the attempt with the fastest reference is
+    kept, and a group's attempts are at least ``retry_gap`` x the attempt number seconds apart (a slow
+    state lasts seconds). Each group's reference statistics gain ``state`` (its reference ms over the
+    fastest) and ``attempts``."""
     n = len(groups)
     per_group = None if max_seconds is None else max_seconds / max(1, n)
-
-    def run(i: int, attempt: int) -> dict[str, dict[str, Any]]:
-        label = desc if n == 1 else f"{desc} ({i + 1}/{n})"
-        if attempt:
-            label += f", measured again: slow state (attempt {attempt + 1})"
-        return _measure(device, groups[i], progress=progress, desc=label, rel_ci=rel_ci,
-                        max_repeats=max_repeats, max_seconds=per_group, warm_calls=warm_calls)
-
     ended = [0.0] * n
 
-    def timed_run(i: int, attempt: int) -> dict[str, dict[str, Any]]:
+    def run(i: int, attempt: int) -> dict[str, dict[str, Any]]:
         wait = ended[i] + retry_gap * attempt - time.monotonic()
         if attempt and wait > 0:
             time.sleep(wait)
-        res = run(i, attempt)
+        label = desc if n == 1 else f"{desc} ({i + 1}/{n})"
+        if attempt:
+            label += f", measured again: slow state (attempt {attempt + 1})"
+        res = _measure(device, groups[i], progress=progress, desc=label, rel_ci=rel_ci,
+                       max_repeats=max_repeats, max_seconds=per_group, warm_calls=warm_calls)
         ended[i] = time.monotonic()
         return res
 
     t0 = time.monotonic()
-    results = [timed_run(i, 0) for i in range(n)]
+    results = [run(i, 0) for i in range(n)]
     attempts = [1] * n
     # re-measurement takes at most as long as the first pass (at least RETRY_BUDGET_S): on a machine whose
     # load keeps moving, every group can look slow, and a measurement must not grow six-fold for it
@@ -158,13 +154,13 @@ def measure_groups(device, groups: list[dict[str, tuple[nn.Module, tuple[int, ..
     for attempt in range(1, max(0, int(retries)) + 1):
         base = fastest()
         slow = [i for i, r in enumerate(results) if _ref_ms(r) > (1.0 + tol) * base]
-        if not slow:
+        if not slow or spent >= budget:
             break
         for i in slow:
             if spent >= budget:
                 break
             t1 = time.monotonic()
-            again = timed_run(i, attempt)
+            again = run(i, attempt)
             spent += time.monotonic() - t1
             attempts[i] += 1
             if _ref_ms(again) < _ref_ms(results[i]):
