@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .space import ZERO
+
 GATE_MODES = ("one", "two", "full")
 PHASES = ("weight", "arch")
 
@@ -102,6 +104,20 @@ class BinaryGate(torch.autograd.Function):
         return grad_x, torch.stack(grads).to(ctx.probs_dtype), None, None
 
 
+def uniform_index(names: Sequence[str], generator: torch.Generator | None = None,
+                  skip_prob: float | None = None) -> int:
+    """A random index into ``names`` (torch's RNG): every candidate alike, or, with ``skip_prob`` and a
+    ``zero`` candidate, ``zero`` with that probability and the others sharing the rest equally."""
+    n = len(names)
+    if skip_prob is None or ZERO not in names or n == 1:
+        return int(torch.randint(n, (1,), generator=generator))
+    zero = list(names).index(ZERO)
+    if float(torch.rand((), generator=generator)) < float(skip_prob):
+        return zero
+    k = int(torch.randint(n - 1, (1,), generator=generator))
+    return k + (k >= zero)
+
+
 class MixedOp(nn.Module):
     """A searchable layer: candidates (``nn.Identity`` for ``zero``) and their logits ``alpha``."""
 
@@ -133,12 +149,16 @@ class MixedOp(nn.Module):
         self.fixed = True
         self._pair = None
 
-    def sample(self, how: str = "probs", generator: torch.Generator | None = None) -> None:
-        """Pick the active path: ``uniform`` (warm-up) or from p (``probs``; ``two`` samples a pair)."""
+    def sample(self, how: str = "probs", generator: torch.Generator | None = None,
+               skip_prob: float | None = None) -> None:
+        """Pick the active path: ``uniform`` (warm-up) or from p (``probs``; ``two`` samples a pair).
+
+        ``skip_prob`` (``uniform`` only): the probability of the ``zero`` candidate where the layer has
+        one, the other candidates sharing the rest equally; ``None`` draws every candidate alike (1/n)."""
         self.fixed = False
         n = len(self.names)
         if how == "uniform":
-            self.active = int(torch.randint(n, (1,), generator=generator))
+            self.active = uniform_index(self.names, generator, skip_prob)
             self._pair = None
             return
         with torch.no_grad():

@@ -112,11 +112,13 @@ class Supernet(nn.Module):
         for m in self.mixed_ops():
             m.phase = phase
 
-    def sample(self, how: str = "probs", generator: torch.Generator | None = None) -> None:
+    def sample(self, how: str = "probs", generator: torch.Generator | None = None,
+               skip_prob: float | None = None) -> None:
         """Sample every layer's path and (spaces with widths) every stage's width: ``uniform`` or from
-        p = softmax(alpha) (``probs``)."""
+        p = softmax(alpha) (``probs``). ``skip_prob`` (``uniform``): how often a layer that can be
+        skipped is (``None``: as often as each op, 1/n)."""
         for m in self.mixed_ops():
-            m.sample(how, generator)
+            m.sample(how, generator, skip_prob)
         if self.space.has_widths:
             idx = []
             for a in self.width_alpha:

@@ -41,6 +41,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
+from nas.errors import check_skip_prob
+
 
 def _quiet_lightning() -> None:
     import logging
@@ -371,11 +373,14 @@ def train_search_module(module_cfg, *, space, datamodule, cost_model, targets, e
 
 
 def train_spos_supernet(conf_dir: str | Path, *, space, datamodule, cost_model, epochs: int, seed: int,
-                        weight_sharing: str, accelerator: str = "cpu", precision: str = "32-true"):
+                        weight_sharing: str, accelerator: str = "cpu", precision: str = "32-true",
+                        skip_prob: float | None = None):
     """A supernet trained with uniform single-path sampling (SPOS) for ``epochs``: ProxylessNAS's warm-up
-    phase for the whole run (weights only, one uniformly random path per batch, no architecture step)."""
+    phase for the whole run (weights only, one uniformly random path per batch, no architecture step).
+    ``skip_prob``: how often a layer that can be skipped is (``None``: like each op)."""
     cfg = OmegaConf.load(Path(conf_dir) / "strategy" / "proxyless.yaml")
-    module_cfg = OmegaConf.merge(cfg.module, {"warmup_epochs": int(epochs), "loss_form": "none", "derive": "argmax"})
+    module_cfg = OmegaConf.merge(cfg.module, {"warmup_epochs": int(epochs), "loss_form": "none", "derive": "argmax",
+                                              "skip_prob": skip_prob})
     module, secs = train_search_module(module_cfg, space=space, datamodule=datamodule, cost_model=cost_model,
                                        targets=None, epochs=epochs, seed=seed, weight_sharing=weight_sharing,
                                        accelerator=accelerator, precision=precision)
@@ -427,7 +432,8 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
     resolved = cost_model.resolve_targets(list(targets))
     d = datamodule.describe()
     disc = {"min_gap": 2.0, "max_std_ratio": 1 / 3, "stop": True, **dict(disc or {})}
-    rs = {"candidates": 30, "epochs": None, "calib_batches": 10, **dict(random_search or {})}
+    rs = {"candidates": 30, "epochs": None, "calib_batches": 10, "skip_prob": None, **dict(random_search or {})}
+    rs["skip_prob"] = check_skip_prob("search.random_search.skip_prob", rs["skip_prob"])
     ranking = {"enabled": True, **dict(ranking or {})}
     log(f"search suite: {space.name} on {d['name']} ({d['train']} train / {d['arch']} arch / {d['test']} test), "
         f"latency {lo:.3f}-{hi:.3f} ms on {device.name}; targets "
@@ -499,7 +505,8 @@ def run_search_suite(*, space, datamodule, device, cost_model, conf_dir: str | P
         log(f"random search: SPOS supernet, {spos_epochs} epochs")
         supernet, spos_secs = train_spos_supernet(conf_dir, space=space, datamodule=sdm, cost_model=cost_model,
                                                   epochs=spos_epochs, seed=seed, weight_sharing=weight_sharing,
-                                                  accelerator=accelerator, precision=precision)
+                                                  accelerator=accelerator, precision=precision,
+                                                  skip_prob=rs["skip_prob"])
         calib = list(sdm.calib_dataloader(int(rs["calib_batches"])))
         res["random_search"].update(supernet_epochs=spos_epochs, supernet_seconds=spos_secs)
         sn_acc: dict[tuple, float] = {}

@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from nas.errors import UserError, check_choice
+from nas.errors import UserError, check_choice, check_skip_prob
 from nas.report.ddpnas_plots import plot_pruning_order
 from nas.strategies.base import SearchStrategy
 from nas.strategies.knapsack import group_knapsack
@@ -288,8 +288,9 @@ class DDPNASSearch(SearchStrategy):
                  budget_value: str = "log",
                  budget_bins: int = 2000, budget_floor: float = 0.95, weight_lr: float = 0.05, weight_momentum: float = 0.9,
                  weight_decay: float = 4e-5, nesterov: bool = True, label_smoothing: float = 0.0,
-                 grad_clip: float = 5.0, seed: int | None = None):
+                 grad_clip: float = 5.0, seed: int | None = None, skip_prob: float | None = None):
         super().__init__(supernet, cost_model, targets)
+        self.skip_prob = check_skip_prob("strategy.module.skip_prob", skip_prob)
         if supernet.space.has_widths:
             raise UserError(f"strategy=ddpnas searches op choices only, and space={supernet.space.name} has width "
                             f"decisions; use strategy=slimmable (strategy.module.ops=search searches ops too) or "
@@ -447,7 +448,7 @@ class DDPNASSearch(SearchStrategy):
         opt = self.optimizers()
         x, y = batch
         if self._path is None:  # warm-up: a uniformly random path per batch
-            self.supernet.sample("uniform", generator=self._gen)
+            self.supernet.sample("uniform", generator=self._gen, skip_prob=self.skip_prob)
             self.sync_path()  # the generators agree across ranks already; rank 0's path is the contract
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.supernet(x), y, label_smoothing=self.label_smoothing)

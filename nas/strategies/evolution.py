@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nas.errors import UserError
+from nas.errors import UserError, check_skip_prob
 from nas.latency.analytic import count_params, peak_activation_bytes
 from nas.report.evolution_plots import plot_front, plot_size_fronts
 from nas.strategies.base import SearchStrategy
@@ -45,6 +45,7 @@ from nas.strategies.predictor import KINDS, evolve_with_predictor
 from supernets.arch import Arch
 from supernets.blocks import space_timm_net
 from supernets.bn import calibrate_bn
+from supernets.mixed import uniform_index
 from supernets.slimmable import BN_MODES
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
@@ -125,8 +126,10 @@ class EvolutionSearch(SearchStrategy):
                  nesterov: bool = True, label_smoothing: float = 0.0, grad_clip: float = 5.0, bn: str = "switchable",
                  calib_batches: int = 20, eval_batches: int | None = None, queries: int = 100,
                  min_fraction: float | None = 0.95, engine: Mapping[str, Any] | None = None, seed: int | None = None,
-                 supernet_path: str | None = None, predictor: Mapping[str, Any] | None = None):
+                 supernet_path: str | None = None, predictor: Mapping[str, Any] | None = None,
+                 skip_prob: float | None = None):
         space: SearchSpace = supernet.space
+        skip_prob = check_skip_prob("strategy.module.skip_prob", skip_prob)
         if sampling not in SAMPLING:
             raise UserError(f"strategy.module.sampling={sampling!r} is unknown; choose one of: {', '.join(SAMPLING)}")
         if bn not in BN_MODES:
@@ -166,6 +169,7 @@ class EvolutionSearch(SearchStrategy):
                             "(fractions of the largest net) or ['2.5ms']")
         self.automatic_optimization = False
         self.sampling = sampling
+        self.skip_prob = skip_prob
         self.n_random = int(n_random)
         self.distill = distill
         self.distill_weight = float(distill_weight)
@@ -210,9 +214,11 @@ class EvolutionSearch(SearchStrategy):
 
     # ------------------------------------------------------------------ training
     def random_arch(self) -> Arch:
-        """Every decision (ops and widths) uniformly at random, from torch's RNG."""
+        """Every decision (ops and widths) uniformly at random, from torch's RNG; a layer that can be
+        skipped is skipped with probability ``skip_prob`` when it is set."""
         return self.supernet.space.make_arch(
-            {d: cs[int(torch.randint(len(cs), (1,)))] for d, cs in self.decisions.items()}, self.supernet.num_classes)
+            {d: cs[uniform_index(cs, None, self.skip_prob)] for d, cs in self.decisions.items()},
+            self.supernet.num_classes)
 
     def sample_archs(self) -> list[Arch]:
         """The architectures trained on this batch, the teacher (largest) first under ``sandwich``."""

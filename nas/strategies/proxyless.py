@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nas.errors import UserError, check_choice
+from nas.errors import UserError, check_choice, check_skip_prob
 from nas.strategies.base import SearchStrategy
 from nas.strategies.knapsack import group_knapsack
 from supernets.arch import Arch
@@ -78,8 +78,9 @@ class ProxylessSearch(SearchStrategy):
                  loss_form: str = "mul_log", loss_a: float = 0.2, loss_b: float = 0.3,
                  loss_lambda: float = 0.1, label_smoothing: float = 0.0, grad_clip: float = 5.0,
                  derive: str = "argmax", budget_floor: float = 0.95, width_baseline_decay: float = 0.9,
-                 max_width_combos: int = 2048):
+                 max_width_combos: int = 2048, skip_prob: float | None = None):
         super().__init__(supernet, cost_model, targets)
+        self.skip_prob = check_skip_prob("strategy.module.skip_prob", skip_prob)
         if not 0.0 <= float(width_baseline_decay) < 1.0:
             raise UserError(f"strategy.module.width_baseline_decay={width_baseline_decay} must be in [0, 1)")
         self.width_baseline_decay = float(width_baseline_decay)
@@ -132,7 +133,7 @@ class ProxylessSearch(SearchStrategy):
         x, y = batch["train"]
         # ---- weight step: one sampled path (uniform during warm-up)
         net.set_phase("weight")
-        net.sample("uniform" if self.in_warmup else "probs")
+        net.sample("uniform" if self.in_warmup else "probs", skip_prob=self.skip_prob)
         self.sync_path()
         opt_w.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), y, label_smoothing=self.label_smoothing)

@@ -228,3 +228,63 @@ def test_calibrate_bn_gives_exact_statistics_of_the_batches():
     assert torch.allclose(bn_net[1].running_mean, mean, atol=1e-5)
     assert torch.allclose(bn_net[1].running_var, var, atol=1e-4)
     assert bn_net[1].momentum == 0.1  # restored
+
+
+# ---------------------------------------------------------------------- skip_prob (E11: depth-balanced paths)
+def test_uniform_index_skip_prob_frequencies():
+    from supernets.mixed import uniform_index
+    names = ("k3_e3", "k5_e3", ZERO, "k7_e6")
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = [0] * len(names)
+    for _ in range(n):
+        counts[uniform_index(names, gen, 0.5)] += 1
+    assert abs(counts[2] / n - 0.5) < 0.015  # zero half the time
+    for k in (0, 1, 3):  # the ops share the other half equally
+        assert abs(counts[k] / n - 0.5 / 3) < 0.015
+    gen = torch.Generator().manual_seed(0)
+    assert all(uniform_index(names, gen, 0.0) != 2 for _ in range(2000))  # never skipped
+    no_zero = ("k3_e3", "k5_e3")
+    gen = torch.Generator().manual_seed(0)
+    counts = [0, 0]
+    for _ in range(4000):
+        counts[uniform_index(no_zero, gen, 0.9)] += 1
+    assert abs(counts[0] / 4000 - 0.5) < 0.03  # a layer without zero: unaffected
+
+
+def test_uniform_index_without_skip_prob_is_the_old_uniform_draw():
+    """skip_prob=None draws exactly what torch.randint did before the option (seeded runs unchanged)."""
+    from supernets.mixed import uniform_index
+    names = ("k3_e3", ZERO, "k5_e6")
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert [uniform_index(names, g1) for _ in range(50)] == \
+        [int(torch.randint(3, (1,), generator=g2)) for _ in range(50)]
+
+
+def test_supernet_sample_skip_prob_skips_every_skippable_layer_at_that_rate(space):
+    net = Supernet(space, 5)
+    skippable = [m for m in net.mixed_ops() if ZERO in m.names]
+    assert skippable
+    gen = torch.Generator().manual_seed(1)
+    skipped = total = 0
+    for _ in range(3000):
+        net.sample("uniform", gen, skip_prob=0.5)
+        skipped += sum(m.names[m.active] == ZERO for m in skippable)
+        total += len(skippable)
+    assert abs(skipped / total - 0.5) < 0.02
+    gen = torch.Generator().manual_seed(1)
+    skipped = total = 0
+    for _ in range(3000):
+        net.sample("uniform", gen)  # default: zero as often as each op
+        skipped += sum(m.names[m.active] == ZERO for m in skippable)
+        total += len(skippable)
+    expected = sum(1 / len(m.names) for m in skippable) / len(skippable)
+    assert abs(skipped / total - expected) < 0.02
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, "half", 2])
+def test_check_skip_prob_refuses_what_is_not_a_probability(bad):
+    from nas.errors import UserError, check_skip_prob
+    with pytest.raises(UserError, match=r"strategy.module.skip_prob=.*\[0, 1\)"):
+        check_skip_prob("strategy.module.skip_prob", bad)
+    assert check_skip_prob("k", None) is None and check_skip_prob("k", "0.5") == 0.5
