@@ -43,7 +43,7 @@ from nas.bench import search as bs
 from nas.bench import slimmable as bsl
 from nas.bench import speed as bspeed
 from nas.bench import tabular as tb
-from nas.errors import UserError
+from nas.errors import UserError, check_skip_prob
 from nas.io import atomic_write_text, json_default
 from nas.latency.build import build_latency_table, table_path
 from nas.latency.devices import _processor_name
@@ -179,6 +179,7 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     seeds = list(s.seeds)
     if len(seeds) < 2:
         raise UserError(f"search.seeds={seeds}: paired intervals need at least 2 seeds, e.g. search.seeds=[0,1,2]")
+    check_skip_prob("search.random_search.skip_prob", (s.get("random_search") or {}).get("skip_prob"))
     space = make_space(cfg.space)
     if not any(all(op in layer.choices for layer in space.layers) for op in space.ops):
         raise UserError(f"suite=search compares with the uniformly scaled net (one op in every layer), and no op of "
@@ -214,8 +215,12 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
     if cost_model.kind != "latency":
         raise UserError(f"suite=search compares measured latencies; hardware={device.name} is an analytic model. "
                         f"Use hardware=onnxruntime or hardware=cpu")
-    cost_model.resolve_targets(list(s.targets))  # an unreachable target stops here, before any training
+    budgets = cost_model.resolve_targets(list(s.targets))  # an unreachable target stops here, before any training
     strategies = OmegaConf.to_container(s.strategies, resolve=True) if s.strategies else {}
+    missing = bs.available_strategies(CONF_DIR, list(strategies))  # the suite reports these as skipped
+    bs.check_strategies(CONF_DIR, {n: ov for n, ov in strategies.items() if n not in missing}, space=space,
+                        num_classes=datamodule.num_classes, cost_model=cost_model, budgets=budgets,
+                        weight_sharing=str(cfg.supernet.weight_sharing))
     container = lambda key: OmegaConf.to_container(s[key], resolve=True) if s.get(key) else None  # noqa: E731
     res = bs.run_search_suite(
         space=space, datamodule=datamodule, device=device, cost_model=cost_model, conf_dir=CONF_DIR,

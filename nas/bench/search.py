@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from nas.errors import check_skip_prob
+from nas.errors import UserError, check_skip_prob
 
 
 def _quiet_lightning() -> None:
@@ -313,12 +313,7 @@ def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], 
                  budgets: Mapping[str, float], seed: int, weight_sharing: str, accelerator: str = "cpu",
                  precision: str = "32-true", log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Search with strategy ``name``; returns ``{budget label: {"arch", "search_seconds", ...}}``."""
-    # under a `strategy` root, as nas-search composes it: the options' ${strategy.*} interpolations resolve
-    cfg = OmegaConf.create({"strategy": OmegaConf.load(Path(conf_dir) / "strategy" / f"{name}.yaml")}).strategy
-    ov = OmegaConf.create(dict(overrides))
-    epochs = int(ov.get("epochs", cfg.get("epochs", 10)))
-    if "module" in ov:
-        cfg.module = OmegaConf.merge(cfg.module, ov.module)
+    cfg, epochs = strategy_config(name, conf_dir, overrides)
     from nas.apps.common import instantiate
 
     per_budget = instantiate(cfg.module).func.one_target_per_search  # the others export every budget at once
@@ -349,6 +344,33 @@ def run_strategy(name: str, conf_dir: str | Path, overrides: Mapping[str, Any], 
             log(f"  {name} (one search, {secs:.0f} s) for {label} ({ms:.3f} ms): predicted "
                 f"{cost_model.predict(arch):.3f} ms")
     return out
+
+
+def strategy_config(name: str, conf_dir: str | Path, overrides: Mapping[str, Any]):
+    """``(strategy config with the suite's overrides merged into its module, epochs)``."""
+    # under a `strategy` root, as nas-search composes it: the options' ${strategy.*} interpolations resolve
+    cfg = OmegaConf.create({"strategy": OmegaConf.load(Path(conf_dir) / "strategy" / f"{name}.yaml")}).strategy
+    ov = OmegaConf.create(dict(overrides))
+    epochs = int(ov.get("epochs", cfg.get("epochs", 10)))
+    if "module" in ov:
+        cfg.module = OmegaConf.merge(cfg.module, ov.module)
+    return cfg, epochs
+
+
+def check_strategies(conf_dir: str | Path, strategies: Mapping[str, Any], *, space, num_classes: int, cost_model,
+                     budgets: Mapping[str, float], weight_sharing: str) -> None:
+    """Build every strategy's module once, untrained, so that a bad option stops the suite in one line
+    before any training rather than an hour into it."""
+    from nas.apps.common import instantiate
+    from supernets.supernet import Supernet
+
+    for name, ov in strategies.items():
+        cfg, _ = strategy_config(name, conf_dir, dict(ov or {}))
+        try:
+            instantiate(cfg.module)(supernet=Supernet(space, num_classes, weight_sharing=weight_sharing),
+                                    cost_model=cost_model, targets=dict(budgets))
+        except UserError as e:
+            raise UserError(f"search.strategies.{name}: {e}") from None
 
 
 def train_search_module(module_cfg, *, space, datamodule, cost_model, targets, epochs: int, seed: int,

@@ -366,3 +366,29 @@ def test_speed_suite_times_every_option_and_each_step_trains(tmp_path):
     assert set(res["fastest"]) == set(bsp.NETS) and "samples/s" in (tmp_path / "bench.md").read_text()
     with pytest.raises(UserError, match="unknown options"):
         run_bench(_bench_cfg(["suite=speed", f"out={tmp_path}", "speed.options=[fp8]"]))
+
+
+def test_search_suite_bad_skip_prob_stops_before_any_work():
+    from nas.apps.bench import run_search
+
+    cfg = _bench_cfg(["data=texshapes", "preset=none", "search.random_search.skip_prob=1.5"])
+    with pytest.raises(UserError, match=r"search.random_search.skip_prob=1.5 must be null .* \[0, 1\)"):
+        run_search(cfg, Path("/nonexistent/never-written"))
+
+
+def test_search_suite_checks_every_strategy_option_before_training(space):
+    """A bad option of one strategy (its constructor refuses it) stops the suite up front, named by its
+    path in the suite's config; good options build the untrained modules without error."""
+    from nas.apps.common import CONF_DIR
+    from nas.bench.search import check_strategies
+
+    costs = {l.name: [0.0 if op == "zero" else 1.0 for op in l.choices] for l in space.layers}
+    table = LatencyTable(space, costs, 1.0, {})
+    budgets = {"t0.80": 0.8 * table.bounds()[1]}
+    good = {"proxyless": {"module": {"skip_prob": 0.5}}, "evolution": {"module": {"skip_prob": 0.5}}}
+    check_strategies(CONF_DIR, good, space=space, num_classes=5, cost_model=table, budgets=budgets,
+                     weight_sharing="elastic")
+    for name in ("proxyless", "ddpnas", "evolution"):
+        with pytest.raises(UserError, match=rf"^search.strategies.{name}: strategy.module.skip_prob=2"):
+            check_strategies(CONF_DIR, {name: {"module": {"skip_prob": 2}}}, space=space, num_classes=5,
+                             cost_model=table, budgets=budgets, weight_sharing="elastic")

@@ -61,7 +61,23 @@ def test_sandwich_trains_largest_smallest_and_random_archs_over_every_decision()
     assert len(uniform.sample_archs()) == 1
 
 
-@pytest.mark.parametrize("kw,words", [({"sampling": "all"}, "sampling"), ({"engine": {"temperature": 1}}, "unknown keys"),
+def test_skip_prob_sets_how_often_random_archs_skip_a_layer():
+    space = SearchSpace.from_dict(OPS_AND_WIDTHS)
+    cost = build_params_model(space, 10)
+    skippable = [d for d, cs in space.decisions().items() if "zero" in cs]
+    torch.manual_seed(0)
+    rates = {}
+    for p in (None, 0.8):
+        module = EvolutionSearch(Supernet(space, 10), cost, targets=[0.5], skip_prob=p)
+        archs = [module.random_arch() for _ in range(1000)]
+        rates[p] = sum(a.choices[d] == "zero" for a in archs for d in skippable) / (1000 * len(skippable))
+        widths = {a.choices["s1.width"] for a in archs}
+        assert widths == set(space.decisions()["s1.width"])  # widths are still drawn uniformly
+    n_choices = len(space.decisions()[skippable[0]])
+    assert rates[None] == pytest.approx(1 / n_choices, abs=0.03) and rates[0.8] == pytest.approx(0.8, abs=0.03)
+
+
+@pytest.mark.parametrize("kw,words", [({"sampling": "all"}, "sampling"), ({"skip_prob": 1.0}, "skip_prob"), ({"engine": {"temperature": 1}}, "unknown keys"),
                                       ({"engine": {"method": "annealing"}}, "method is one of"),
                                       ({"min_fraction": 1.5}, "min_fraction"), ({"queries": 0}, "queries"),
                                       ({"predictor": {"kind": "forest"}}, "predictor.kind"),

@@ -165,3 +165,25 @@ def test_budget_derive_is_the_most_probable_arch_in_the_band(space):
     assert score([derived.choices[l.name] for l in space.layers]) == pytest.approx(best_score, abs=1e-6)
     with pytest.raises(UserError, match="derive"):
         ProxylessSearch(net, table, targets={"t": target}, derive="best")
+
+
+def test_warmup_paths_skip_layers_at_skip_prob(space):
+    """strategy.module.skip_prob reaches the warm-up's path sampling: with 0.9, nine in ten skippable
+    layers are skipped on the paths trained (the default draws zero like each op)."""
+    pl.seed_everything(0, verbose=False)
+    dm = TinyData()
+    net = Supernet(space, dm.num_classes)
+    skippable = [m for m in net.mixed_ops() if "zero" in m.names]
+    drawn = []
+    sample = net.sample
+
+    def record(*args, **kwargs):
+        sample(*args, **kwargs)
+        drawn.extend(m.names[m.active] == "zero" for m in skippable)
+
+    net.sample = record
+    module = ProxylessSearch(net, _table(space), targets=None, warmup_epochs=6, skip_prob=0.9, loss_form="none")
+    trainer = pl.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=module.train_loaders(dm), val_dataloaders=dm.val_dataloader())
+    assert len(drawn) >= 30 and sum(drawn) / len(drawn) > 0.75
