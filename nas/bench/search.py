@@ -366,9 +366,11 @@ def check_strategies(conf_dir: str | Path, strategies: Mapping[str, Any], *, spa
 
     for name, ov in strategies.items():
         cfg, _ = strategy_config(name, conf_dir, dict(ov or {}))
+        make = instantiate(cfg.module)
+        targets = dict(list(budgets.items())[:1]) if make.func.one_target_per_search else dict(budgets)
         try:
-            instantiate(cfg.module)(supernet=Supernet(space, num_classes, weight_sharing=weight_sharing),
-                                    cost_model=cost_model, targets=dict(budgets))
+            make(supernet=Supernet(space, num_classes, weight_sharing=weight_sharing), cost_model=cost_model,
+                 targets=targets)
         except UserError as e:
             raise UserError(f"search.strategies.{name}: {e}") from None
 

@@ -384,7 +384,7 @@ def test_search_suite_checks_every_strategy_option_before_training(space):
 
     costs = {l.name: [0.0 if op == "zero" else 1.0 for op in l.choices] for l in space.layers}
     table = LatencyTable(space, costs, 1.0, {})
-    budgets = {"t0.80": 0.8 * table.bounds()[1]}
+    budgets = {"t0.50": 0.5 * table.bounds()[1], "t0.80": 0.8 * table.bounds()[1]}  # proxyless: one at a time
     good = {"proxyless": {"module": {"skip_prob": 0.5}}, "evolution": {"module": {"skip_prob": 0.5}}}
     check_strategies(CONF_DIR, good, space=space, num_classes=5, cost_model=table, budgets=budgets,
                      weight_sharing="elastic")
