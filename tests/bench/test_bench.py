@@ -6,6 +6,7 @@ Numbers are never judged here (no timing in unit tests); the suites' real settin
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -213,6 +214,19 @@ def test_search_statistics():
     assert p["diff"] == pytest.approx(2.0) and p["std"] == pytest.approx(1.0)
     assert p["ci95"] == pytest.approx([2.0 - 4.303 / 3 ** 0.5, 2.0 + 4.303 / 3 ** 0.5])
     assert t975(2) == 4.303 and t975(11) == 2.228
+
+
+def test_retest_tau_is_the_mean_tau_between_seeds_of_the_stand_alone_accuracies():
+    from nas.bench.search import ranking_report, retest_tau
+
+    # 3 nets x 3 seeds: seed 0 vs 1 same order (+1), 0 vs 2 one swap (1/3), 1 vs 2 (1/3): mean 5/9
+    accs = [[0.80, 0.81, 0.82], [0.82, 0.83, 0.80], [0.84, 0.85, 0.86]]
+    assert retest_tau(accs) == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert math.isnan(retest_tau([[0.8], [0.9]])) and math.isnan(retest_tau([[0.8, 0.9]]))
+    entries = [{"method": "m", "budget": None, "supernet_acc": 0.5 + i / 10, "test_acc": sum(a) / 3, "test_accs": a,
+                "predicted_ms": 1.0 + i, "choices": {"l": str(i)}} for i, a in enumerate(accs)]
+    rk = ranking_report(entries)
+    assert rk["retest_tau"] == pytest.approx(5 / 9) and rk["kendall_tau"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("space,words", [("mbv3_tiny", "no op of space=mbv3_tiny is a choice of every layer"),
