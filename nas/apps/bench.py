@@ -217,10 +217,8 @@ def run_search(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], str]:
                         f"Use hardware=onnxruntime or hardware=cpu")
     budgets = cost_model.resolve_targets(list(s.targets))  # an unreachable target stops here, before any training
     strategies = OmegaConf.to_container(s.strategies, resolve=True) if s.strategies else {}
-    missing = bs.available_strategies(CONF_DIR, list(strategies))  # the suite reports these as skipped
-    bs.check_strategies(CONF_DIR, {n: ov for n, ov in strategies.items() if n not in missing}, space=space,
-                        num_classes=datamodule.num_classes, cost_model=cost_model, budgets=budgets,
-                        weight_sharing=str(cfg.supernet.weight_sharing))
+    bs.check_strategies(CONF_DIR, strategies, space=space, num_classes=datamodule.num_classes, cost_model=cost_model,
+                        budgets=budgets, weight_sharing=str(cfg.supernet.weight_sharing))
     container = lambda key: OmegaConf.to_container(s[key], resolve=True) if s.get(key) else None  # noqa: E731
     res = bs.run_search_suite(
         space=space, datamodule=datamodule, device=device, cost_model=cost_model, conf_dir=CONF_DIR,

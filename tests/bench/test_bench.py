@@ -400,8 +400,8 @@ def test_search_suite_checks_every_strategy_option_before_training(space):
     table = LatencyTable(space, costs, 1.0, {})
     budgets = {"t0.50": 0.5 * table.bounds()[1], "t0.80": 0.8 * table.bounds()[1]}  # proxyless: one at a time
     good = {"proxyless": {"module": {"skip_prob": 0.5}}, "evolution": {"module": {"skip_prob": 0.5}}}
-    check_strategies(CONF_DIR, good, space=space, num_classes=5, cost_model=table, budgets=budgets,
-                     weight_sharing="elastic")
+    check_strategies(CONF_DIR, {**good, "nosuch": {}}, space=space, num_classes=5, cost_model=table,
+                     budgets=budgets, weight_sharing="elastic")  # an unavailable one is the suite's to skip
     for name in ("proxyless", "ddpnas", "evolution"):
         with pytest.raises(UserError, match=rf"^search.strategies.{name}: strategy.module.skip_prob=2"):
             check_strategies(CONF_DIR, {name: {"module": {"skip_prob": 2}}}, space=space, num_classes=5,
