@@ -86,6 +86,10 @@ class TinyData:
     def val_dataloader(self):
         return self._dl(False)
 
+    def calib_dataloader(self, batches):
+        n = min(batches * 16, len(self.y))  # the first images, in order, like the data modules' fixed subset
+        return DataLoader(TensorDataset(self.x[:n], self.y[:n]), batch_size=16, shuffle=False)
+
 
 def random_table(space, seed: int = 0, low: float = 0.1, fixed: float = 0.5):
     """A latency table of made-up per-candidate costs in ``[low, 1]`` ms (``zero`` costs nothing)."""

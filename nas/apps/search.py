@@ -225,6 +225,8 @@ def run_search(cfg: DictConfig) -> float:
                 module.train_loaders(datamodule)
                 print(f"supernet from {module.pretrained['checkpoint']}: no training")
             else:
+                # the epoch lines' val/acc is the derived net's as exported (BatchNorm recalibrated)
+                module.recalibrate_validation(datamodule, int(cfg.export.calib_batches))
                 trainer.fit(module, train_dataloaders=module.train_loaders(datamodule),
                             val_dataloaders=datamodule.val_dataloader(), ckpt_path=resume_from)
             if not trainer.is_global_zero:

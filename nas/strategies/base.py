@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import CombinedLoader
 
 from nas.latency.cost import CostModel
 from supernets.arch import Arch
+from supernets.bn import calibrate_bn
 from supernets.supernet import Supernet
 
 
@@ -53,11 +54,24 @@ class SearchStrategy(pl.LightningModule):
         self.search_cost = {"seconds": 0.0, "epochs": 0, "images": 0}
         self.dist_check: dict[str, Any] = {"world_size": 1}
         self._t_epoch = None
+        self._datamodule = None
+        #: BatchNorm recalibration batches before each validation (0: the supernet's running statistics)
+        self.val_calib_batches = 0
+        self._eval_net: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ data
     def train_loaders(self, datamodule) -> Any:
         """The loaders ``trainer.fit`` takes; default: the weight split only."""
         return datamodule.train_dataloader()
+
+    def recalibrate_validation(self, datamodule, batches: int) -> None:
+        """Validate the derived architecture as it will be exported: extracted from the supernet, with
+        BatchNorm statistics recomputed over ``batches`` batches of ``datamodule.calib_dataloader``.
+
+        Without this, validation runs the derived path inside the supernet on running statistics that
+        every sampled path has moved, and its accuracy can fall while the export's rises."""
+        self._datamodule = datamodule
+        self.val_calib_batches = int(batches)
 
     @staticmethod
     def paired_loaders(datamodule) -> CombinedLoader:
@@ -163,11 +177,27 @@ class SearchStrategy(pl.LightningModule):
         self.search_cost["images"] += int(n)
 
     def on_validation_epoch_start(self) -> None:
-        self.supernet.set_active(self.derive())
+        arch = self.derive()
+        self.supernet.set_active(arch)
+        self._eval_net = self.calibrated_net(arch) if self.val_calib_batches and self._datamodule else None
+
+    def calibrated_net(self, arch: Arch) -> torch.nn.Module:
+        """The static net of ``arch`` with the supernet's weights and BatchNorm recalibrated, as
+        ``nas-search`` exports it. The supernet is not touched, nor is any RNG: a search validated this
+        way samples the same paths as one validated without it."""
+        # building the static net initialises its layers, and iterating a DataLoader draws a seed: both
+        # from the global generator, which must give the training the paths and batches it gives without
+        with torch.random.fork_rng(devices=[]):
+            sub = self.supernet.extract(arch).to(self.device)
+            calibrate_bn(sub, self._datamodule.calib_dataloader(self.val_calib_batches), device=self.device)
+        return sub.eval()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_net = None
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.supernet(x)
+        logits = (self.supernet if self._eval_net is None else self._eval_net)(x)
         self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True,
                  batch_size=len(y), sync_dist=True)
         self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)

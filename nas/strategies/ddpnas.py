@@ -463,8 +463,8 @@ class DDPNASSearch(SearchStrategy):
         self._val = torch.zeros(2, dtype=torch.float64)
         if self._path is not None and not self.trainer.sanity_checking:
             self.supernet.set_active(self.arch_of(self._path))
-        else:
-            super().on_validation_epoch_start()  # the currently derived architecture
+        else:  # the currently derived architecture, in the supernet (its scores are of paths in the supernet)
+            self.supernet.set_active(self.derive())
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

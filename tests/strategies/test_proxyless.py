@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from nas.errors import UserError
-from nas.export import load_subnet, write_export
+from nas.export import evaluate, load_subnet, write_export
 from nas.latency.table import LatencyTable
 from nas.strategies.proxyless import ProxylessSearch, latency_loss
+from supernets.bn import calibrate_bn
 from supernets.space import SearchSpace
 from supernets.supernet import Supernet
 from tests.helpers import TINY, TinyData, random_table
@@ -165,6 +166,36 @@ def test_budget_derive_is_the_most_probable_arch_in_the_band(space):
     assert score([derived.choices[l.name] for l in space.layers]) == pytest.approx(best_score, abs=1e-6)
     with pytest.raises(UserError, match="derive"):
         ProxylessSearch(net, table, targets={"t": target}, derive="best")
+
+
+def _fit_proxyless(space, recalibrate: int):
+    pl.seed_everything(0, verbose=False)
+    dm = TinyData()
+    net = Supernet(space, dm.num_classes)
+    lo, hi = _table(space).bounds()
+    module = ProxylessSearch(net, _table(space), targets={"t": (lo + hi) / 2}, warmup_epochs=1, arch_lr=0.05)
+    if recalibrate:
+        module.recalibrate_validation(dm, recalibrate)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=module.train_loaders(dm), val_dataloaders=dm.val_dataloader())
+    return module, dm, float(trainer.callback_metrics["val/acc"])
+
+
+def test_validation_reports_the_derived_net_as_exported(space):
+    """With recalibrate_validation (what nas-search sets), an epoch's val/acc is the accuracy the export
+    gets: the derived net extracted, BatchNorm recalibrated on the same batches. The search itself is
+    the one it is without it: same architecture parameters, same weights (no RNG is drawn)."""
+    module, dm, val = _fit_proxyless(space, recalibrate=2)
+    sub = module.supernet.extract(module.derive())
+    calibrate_bn(sub, dm.calib_dataloader(2))
+    assert val == pytest.approx(evaluate(sub, dm.val_dataloader()), abs=1e-6)
+    plain, _, _ = _fit_proxyless(space, recalibrate=0)
+    ours, theirs = module.supernet.state_dict(), plain.supernet.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:  # weights, architecture parameters and the supernet's own BatchNorm statistics
+        assert torch.equal(ours[name], theirs[name]), name
+    assert module.derive() == plain.derive()
 
 
 def test_warmup_paths_skip_layers_at_skip_prob(space):
