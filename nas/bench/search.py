@@ -646,6 +646,10 @@ def verdict(res: Mapping[str, Any]) -> dict[str, Any]:
                 per_method[e["method"]] = list(e["test_accs"])
         if rand:
             per_method["random"] = [statistics.fmean(e["test_accs"][i] for e in rand) for i in range(len(seeds))]
+        # predicted ms of each method's net (random: the mean of its k), for the latency a strategy leaves unspent
+        latency = {e["method"]: e["predicted_ms"] for e in rows if e["method"] != "random"}
+        if rand:
+            latency["random"] = statistics.fmean(e["predicted_ms"] for e in rand)
         v: dict[str, Any] = {"methods": {}, "strategies": {}}
         for m, accs in per_method.items():
             mean, sd = mean_std(accs)
@@ -664,6 +668,8 @@ def verdict(res: Mapping[str, Any]) -> dict[str, Any]:
                 if b in per_method:
                     p = paired(per_method[e["method"]], per_method[b])
                     p["verdict"] = ("wins" if p["ci95"][0] > 0 else "loses" if p["ci95"][1] < 0 else "level")
+                    # the verdict compares accuracy at the budget; this says at what latency (E13: level, at 0.6x)
+                    p["latency_ratio"] = e["predicted_ms"] / latency[b] if latency.get(b) else None
                     s["vs"][b] = p
             v["strategies"][e["method"]] = s
         out[label] = v
@@ -734,10 +740,15 @@ def markdown(res: Mapping[str, Any]) -> str:
                          f"{_pm(e['test_acc'], e['test_std'])} | {'-' if sa is None else f'{100 * sa:.2f}'} | | | |")
     lines.append("")
     lines.append("Differences are paired over seeds, in points, with a 95 % t interval: [lo, hi] above 0 = wins, "
-                 "below 0 = loses, containing 0 = level.")
+                 "below 0 = loses, containing 0 = level. The verdict is of accuracy under the target; \"at 0.60x\" "
+                 "is the strategy's net's predicted latency over the baseline's (random: the mean of its k), what a "
+                 "level net leaves unspent.")
     for label, v in res["verdict"].items():
         for name, s in v["strategies"].items():
-            parts = [f"{b} {s['vs'][b]['verdict']} ({s['vs'][b]['diff']:+.2f})" for b in BASELINES if b in s["vs"]]
+            parts = [f"{b} {s['vs'][b]['verdict']} ({s['vs'][b]['diff']:+.2f}"
+                     + (f", at {s['vs'][b]['latency_ratio']:.2f}x its predicted latency"
+                        if s["vs"][b].get("latency_ratio") else "") + ")"
+                     for b in BASELINES if b in s["vs"]]
             lines.append(f"- {label}: **{name}** {_pm(s['mean'], s['std'])} %: " + ", ".join(parts)
                          + ("" if s["within_budget_predicted"] else "; OVER the target"))
     rk = res.get("ranking")

@@ -229,6 +229,27 @@ def test_retest_tau_is_the_mean_tau_between_seeds_of_the_stand_alone_accuracies(
     assert rk["retest_tau"] == pytest.approx(5 / 9) and rk["kendall_tau"] == pytest.approx(1.0)
 
 
+def test_verdict_reports_the_latency_a_level_net_leaves_unspent():
+    """E13's case by hand: a strategy's net level in accuracy with each baseline but cheaper. Each
+    comparison carries the strategy's predicted latency over the baseline's (random: mean of its k)."""
+    from nas.bench.search import verdict
+
+    def entry(method, ms, accs):
+        return {"method": method, "budget": "t", "predicted_ms": ms, "measured_ms": ms, "test_accs": accs,
+                "test_acc": sum(accs) / len(accs), "test_std": 0.0}
+
+    res = {"seeds": [0, 1, 2], "budgets": {"t": 1.0},
+           "entries": [entry("proxyless", 0.6, [0.880, 0.875, 0.890]), entry("uniform", 0.9, [0.870, 0.880, 0.880]),
+                       entry("random_search", 1.0, [0.880, 0.870, 0.885]), entry("random", 0.8, [0.86, 0.87, 0.88]),
+                       entry("random", 1.0, [0.88, 0.87, 0.86])]}
+    vs = verdict(res)["t"]["strategies"]["proxyless"]["vs"]
+    assert vs["uniform"]["latency_ratio"] == pytest.approx(0.6 / 0.9)
+    assert vs["random_search"]["latency_ratio"] == pytest.approx(0.6)
+    assert vs["random"]["latency_ratio"] == pytest.approx(0.6 / 0.9)  # the mean of 0.8 and 1.0
+    assert vs["uniform"]["per_seed"] == pytest.approx([1.0, -0.5, 1.0])
+    assert vs["random"]["per_seed"] == pytest.approx([1.0, 0.5, 2.0])
+
+
 @pytest.mark.parametrize("space,words", [("mbv3_tiny", "no op of space=mbv3_tiny is a choice of every layer"),
                                          ("mbv2_tiny_slim", "does not handle width decisions")])
 def test_search_suite_refuses_spaces_it_cannot_compare_in_one_line(space, words):
