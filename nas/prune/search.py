@@ -132,28 +132,6 @@ class Candidates:
             self.costs.pop(plan_key(p), None)
         return self.measure(plans)
 
-    def remeasure_relative(self, plans: Sequence[Mapping[str, int]], anchor: Mapping[str, int],
-                           anchor_cost: float) -> list[float]:
-        """``plans`` measured afresh in one pass together with ``anchor``, in the units of ``anchor_cost``
-        (an earlier measurement of ``anchor``, the one the targets were set from): each cost times
-        ``anchor_cost`` over the anchor's cost in this pass.
-
-        A pass of many nets does not run in the state of a pass of two: in greedy's passes (the current
-        plan and ~25 candidates, in groups of 8) ResNet-18 and MobileNetV2 measured ~23 % above the pair
-        (unpruned, smallest) that set the targets, their weights leaving the cache between calls, so a
-        step seemed to meet a target only well after it had. A ratio within one pass does not depend on
-        the pass's state."""
-        if self.cost == "flops" or not self.hardware.timed:
-            return self.measure(plans)  # exact counts
-        now, *costs = self.remeasure([anchor, *plans])
-        scale = float(anchor_cost) / now
-        costs = [c * scale for c in costs]
-        # the cache keeps costs in the targets' units: the anchor's own, and the plans' scaled
-        self.costs[plan_key(anchor)] = float(anchor_cost)
-        for p, c in zip(plans, costs):
-            self.costs[plan_key(p)] = c
-        return costs
-
     # ------------------------------------------------------------------ accuracy
     @torch.no_grad()
     def accuracy(self, plan: Mapping[str, int]) -> float:
@@ -184,12 +162,10 @@ def kary_search(plan_of: Callable[[float], dict[str, int]], cands: Candidates, t
     inside the current interval together. Returns (plan, cost, x)."""
     lo, hi = 0.0, 1.0
     best = (plan_of(1.0), cands.measure([plan_of(1.0)])[0], 1.0)
-    full = cands.full()
-    (full_cost,) = cands.measure([full])
     for _ in range(passes):
         xs = [lo + (hi - lo) * (i + 1) / (points + 1) for i in range(points)]
         plans = [plan_of(x) for x in xs]
-        costs = cands.remeasure_relative(plans, full, full_cost)  # in the units the targets were set in
+        costs = cands.measure(plans)
         under = [i for i, c in enumerate(costs) if c <= target]
         if under:
             i = under[0]
@@ -252,9 +228,8 @@ def search_greedy(cands: Candidates, targets: Mapping[str, float], *, step: floa
     sizes = {g.name: max(cands.round_to, int(round(g.channels * step / cands.round_to)) * cands.round_to)
              for g in cands.groups}
     floor = cands.smallest()
-    plan = full = cands.full()
+    plan = cands.full()
     (cost,) = cands.measure([plan])
-    full_cost = cost  # every later pass measures the full model beside its nets: costs in these units
     acc = cands.accuracy(plan)
     pending = dict(sorted(targets.items(), key=lambda kv: -kv[1]))
     out: dict[str, dict[str, Any]] = {}
@@ -279,9 +254,8 @@ def search_greedy(cands: Candidates, targets: Mapping[str, float], *, step: floa
         if not options:
             break
         # the current plan is measured again beside its candidates: a saving is a difference within one
-        # pass, immune to the machine's load changing between steps; the full model in the same pass
-        # puts the costs in the units the targets were set in
-        cur, *costs = cands.remeasure_relative([plan] + [p for _, p in options], full, full_cost)
+        # pass, immune to the machine's load changing between steps
+        cur, *costs = cands.remeasure([plan] + [p for _, p in options])
         best = None
         for (name, p), c in zip(options, costs):
             saved = cur - c
@@ -298,7 +272,7 @@ def search_greedy(cands: Candidates, targets: Mapping[str, float], *, step: floa
             f"{100 * acc:.2f}%")
         crossed = {label: t for label, t in pending.items() if cost <= t}
         if crossed:
-            for label, found in _refine_crossing(cands, prev, plan, name, crossed, full, full_cost).items():
+            for label, found in _refine_crossing(cands, prev, plan, name, crossed).items():
                 found.update(steps=i, trace_step=i)
                 out[label] = found
                 del pending[label]
@@ -315,21 +289,19 @@ def search_greedy(cands: Candidates, targets: Mapping[str, float], *, step: floa
 
 
 def _refine_crossing(cands: Candidates, prev: Mapping[str, int], plan: Mapping[str, int], name: str,
-                     targets: Mapping[str, float], full: Mapping[str, int],
-                     full_cost: float) -> dict[str, dict[str, Any]]:
+                     targets: Mapping[str, float]) -> dict[str, dict[str, Any]]:
     """The step from ``prev`` to ``plan`` thinned group ``name`` by a whole greedy step and crossed each of
     ``targets``: the channel counts between the two (multiples of ``round_to``) are measured together, and
     a target takes the widest of them under it. One greedy step of a wide group can save far more than
     the last few per cent a target needs (NetAdapt's step size problem); without this the export lands
     well under its target, a net slower than allowed would have been more accurate. Targets no
-    intermediate count meets are left to the main loop (which records ``plan`` for them). Costs are in the
-    units of ``full_cost``, as the main loop's (:meth:`Candidates.remeasure_relative`)."""
+    intermediate count meets are left to the main loop (which records ``plan`` for them)."""
     r = cands.round_to
     keeps = list(range(plan[name] + r, prev[name], r))
     if not keeps:
         return {}
     mids = [{**prev, name: k} for k in keeps]
-    costs = cands.remeasure_relative(mids, full, full_cost)
+    costs = cands.measure(mids)
     out = {}
     for label, t in targets.items():
         fits = [(k, p, c) for k, p, c in zip(keeps, mids, costs) if c <= t]

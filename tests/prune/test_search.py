@@ -15,25 +15,14 @@ from tests.helpers import TinyData
 from tests.prune.models import TinyResNet
 
 
-class PassSizeDevice(AnalyticDevice):
-    """A timed device whose nets all read slower the more nets one pass measures (on a CPU: their weights
-    leave the cache between calls), by one factor for every net of the pass. Costs are FLOPs x that."""
-
-    timed = True
-
-    def measure_modules(self, items, **_):
-        factor = 1 + 0.05 * len(items)
-        return {name: factor * self.count(module, tuple(shape)) for name, (module, shape) in items.items()}
-
-
-def _cands(hardware=None):
+def _cands():
     torch.manual_seed(0)
     net = TinyResNet(width=32).eval()
     x = torch.zeros(1, 3, 16, 16)
     groups = find_groups(net, x)
     data = TinyData(n=32)
     return Candidates(net, x, groups, {g.name: list(range(g.channels)) for g in groups},
-                      hardware=hardware or AnalyticDevice("flops"), calib=list(data.train_dataloader())[:1],
+                      hardware=AnalyticDevice("flops"), calib=list(data.train_dataloader())[:1],
                       evalb=list(data.val_dataloader())[:1], log=lambda _: None)
 
 
@@ -74,28 +63,6 @@ def test_greedy_refines_the_step_that_crosses_a_target_to_the_widest_count_under
     assert {g: v for g, v in found["plan"].items() if g != name} == {g: v for g, v in c.full().items() if g != name}
     (wider,) = c.measure([{**found["plan"], name: k + c.round_to}])
     assert wider > t
-
-
-def test_searches_find_the_same_plans_however_many_nets_a_pass_measures():
-    """Targets are fractions of the unpruned model measured in a pass of two (with the smallest), greedy
-    measures ~10 nets a pass and uniform 7: on a device where a bigger pass reads slower, every pass is
-    put in the units of the first through the full model measured in it. Plans are those found on exact
-    FLOPs, costs those FLOPs x the first pass's factor (1.1), and every export is within its target."""
-    exact, timed = _cands(), _cands(PassSizeDevice("flops"))
-    found = {}
-    for name, c in (("exact", exact), ("timed", timed)):
-        full, _ = c.measure([c.full(), c.smallest()])
-        targets = {"t0.80": 0.8 * full, "t0.50": 0.5 * full}
-        found[name] = (search_greedy(c, targets, step=0.25, log=lambda _: None),
-                       search_uniform(c, targets, log=lambda _: None), targets)
-    assert len(timed.groups) >= 5  # passes of 6+ nets: a factor of 1.3+ without the anchoring
-    for g_exact, g_timed in zip(found["exact"][:2], found["timed"][:2]):
-        for label in ("t0.80", "t0.50"):
-            assert g_timed[label]["plan"] == g_exact[label]["plan"], label
-            assert g_timed[label]["cost"] == pytest.approx(1.1 * g_exact[label]["cost"], rel=1e-9)
-            assert g_timed[label]["cost"] <= found["timed"][2][label]
-            (alone,) = timed.remeasure([g_timed[label]["plan"]])  # measured alone: 1.05 x FLOPs
-            assert alone <= found["timed"][2][label]
 
 
 def test_the_group_table_is_exact_on_one_group_plans_and_validated_on_random_ones():
