@@ -172,6 +172,10 @@ def run_search(cfg: DictConfig) -> float:
     check_channels_last(cfg.trainer.get("channels_last", False))
     if "epochs" in cfg.strategy:
         check_epochs(cfg.strategy.epochs, "strategy.epochs")
+    calib = cfg.export.get("calib_batches")
+    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 1:
+        raise UserError(f"export.calib_batches={calib!r}: the BatchNorm recalibration batches before each "
+                        f"validation and the export, a whole number >= 1 (default 20)")
     run_dir = Path(cfg.export.dir).parent
     resume_checkpoint(cfg, run_dir / "checkpoints", announce=False)  # checks resume= before any work
     seed = int(cfg.seed)

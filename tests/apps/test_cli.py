@@ -207,6 +207,14 @@ def test_search_width_space_combinations_refused(overrides, message, compose_cfg
     assert_refused_in_process(run_search, cfg, capsys, message)
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "true"])
+def test_search_calibration_batches_refused_before_training(value, compose_cfg, capsys):
+    """export.calib_batches is used at every validation and at the export: a bad value stops at the start
+    (it used to raise a traceback from the data module after the whole search)."""
+    cfg = compose_cfg("search", ["hardware=flops", f"export.calib_batches={value}", "progress=none"])
+    assert_refused_in_process(run_search, cfg, capsys, "export.calib_batches=")
+
+
 def test_search_unreachable_target(compose_cfg, capsys):
     """0.05 of the largest net's MFLOPs is below the smallest net's (0.2 of it): refused before training."""
     cfg = compose_cfg("search", ["hardware=flops", "strategy.targets=[0.05]", "progress=none"])
