@@ -484,18 +484,8 @@ class SlimmableSearch(SearchStrategy):
         return sub.eval()
 
     def on_validation_epoch_start(self) -> None:
+        """The widest net, calibrated; the shared validation step and epoch end evaluate and drop it."""
         self._eval_net = self.calibrated_subnet(self.arch_for(self.widest)).to(self.device)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        with torch.no_grad():
-            logits = self._eval_net(x)
-        self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True,
-                 batch_size=len(y), sync_dist=True)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_net = None
 
     # ------------------------------------------------------------------ the result
     def width_search(self, log: Callable[[str], Any] | None = print) -> dict[str, Any]:
